@@ -1,0 +1,3 @@
+from colstream.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""One settings root for every stage, producer and tool.
+
+Everything reads ``COLSTREAM_*`` environment variables (nested with ``__``, e.g.
+``COLSTREAM_KAFKA__LINGER_MS=50``). Two well-known variables win over the
+prefixed ones because platform teams already export them:
+``KAFKA_BOOTSTRAP_SERVERS`` and ``QDRANT_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("COLSTREAM_STATE_DIR", Path.cwd() / ".colstream")).resolve()
+
+
+class KafkaSettings(BaseModel):
+    # None means "nobody configured a broker": the CLI may then start or reuse the
+    # local development broker. An explicit value always wins.
+    bootstrap_servers: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    client_id: str = "colstream"
+    # Throughput knobs (issue 5 measures them against librdkafka's defaults).
+    linger_ms: int = 20
+    batch_size: int = 1_000_000
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    fetch_max_bytes: int = 52_428_800
+    max_partition_fetch_bytes: int = 4_194_304
+    # A GPU batch or a 1,000-page render must finish well inside this; stages pause
+    # partitions and keep polling, so it bounds one batch, not one document.
+    max_poll_interval_ms: int = 300_000
+    session_timeout_ms: int = 45_000
+    # The producer's own view of the biggest record it may send; topics are created
+    # with a matching max.message.bytes.
+    message_max_bytes: int = 4_194_304
+
+    def common_config(self) -> dict[str, Any]:
+        if not self.bootstrap_servers:
+            raise RuntimeError(
+                "no Kafka broker configured: set KAFKA_BOOTSTRAP_SERVERS or run `colstream kafka start`"
+            )
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+            "client.id": self.client_id,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = self.ssl_ca_location
+        return conf
+
+    def producer_config(self) -> dict[str, Any]:
+        return {
+            **self.common_config(),
+            "linger.ms": self.linger_ms,
+            "batch.size": self.batch_size,
+            "compression.type": self.compression_type,
+            "message.max.bytes": self.message_max_bytes,
+            # Idempotence keeps per-partition order and removes broker-side duplicates
+            # on retry, which the sink's latest-wins rule relies on.
+            "enable.idempotence": True,
+            "acks": "all",
+        }
+
+    def consumer_config(self, group_id: str) -> dict[str, Any]:
+        return {
+            **self.common_config(),
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "max.poll.interval.ms": self.max_poll_interval_ms,
+            "session.timeout.ms": self.session_timeout_ms,
+            "fetch.max.bytes": self.fetch_max_bytes,
+            "max.partition.fetch.bytes": self.max_partition_fetch_bytes,
+            "isolation.level": "read_committed",
+        }
+
+
+class TopicSettings(BaseModel):
+    uploads: str = "documents.uploads"
+    pages: str = "documents.pages"
+    vectors: str = "documents.vectors"
+    indexed: str = "documents.indexed"
+    dlq: str = "documents.dlq"
+    partitions: int = 6
+    replication_factor: int = 1
+    # Biggest record a pages/vectors topic accepts. Page images bigger than what
+    # fits travel through blob storage (claim check).
+    pages_max_message_bytes: int = 2_097_152
+    vectors_max_message_bytes: int = 4_194_304
+    # Tombstones stay readable this long on the compacted uploads topic, so a
+    # replay from the beginning still sees recent deletes.
+    uploads_delete_retention_ms: int = 86_400_000
+
+    def all_names(self) -> list[str]:
+        return [self.uploads, self.pages, self.vectors, self.indexed, self.dlq]
+
+
+class BlobSettings(BaseModel):
+    # Local paths published with `colstream publish upload` are copied here when no
+    # Azure container is configured; `file://` URIs are only honoured under it.
+    local_root: Path = Field(default_factory=lambda: default_state_dir() / "blobs")
+    # Allowlist for https:// blob URIs: storage account names and containers.
+    azure_accounts: list[str] = Field(default_factory=list)
+    azure_containers: list[str] = Field(default_factory=list)
+    # Upload target for `publish upload` of a local file, e.g. "documents".
+    azure_upload_container: str | None = None
+    azure_auth: Literal["connection_string", "sas", "default_credential"] = "connection_string"
+    azure_connection_string: SecretStr | None = None
+    azure_sas_token: SecretStr | None = None
+    # Accounts served by an emulator (Azurite) at a custom endpoint, e.g.
+    # {"devstoreaccount1": "http://127.0.0.1:10000/devstoreaccount1"}.
+    azure_endpoints: dict[str, str] = Field(default_factory=dict)
+    claim_check_container: str = "colstream-claims"
+
+
+class LimitSettings(BaseModel):
+    max_blob_bytes: int = 256 * 1024 * 1024
+    max_pages: int = 2_000
+    # Decompression bombs: refuse before decoding anything this large.
+    max_pixels_per_page: int = 50_000_000
+    max_image_pixels: int = 100_000_000
+    render_timeout_s: float = 30.0
+
+
+class ModelSettings(BaseModel):
+    # "colqwen2" or "colpali"; the id/path is passed to from_pretrained as-is.
+    family: Literal["colqwen2", "colpali"] = "colqwen2"
+    name_or_path: str | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "int8"] = "none"
+    max_visual_tokens: int = 768
+    batch_size: int = 8
+    batch_timeout_ms: int = 50
+    preprocess_workers: int = 2
+    attn_implementation: str | None = None
+
+
+class QdrantSettings(BaseModel):
+    url: str | None = None
+    api_key: SecretStr | None = None
+    path: Path = Field(default_factory=lambda: default_state_dir() / "qdrant")
+    collection: str = "colpali_embeddings"
+    records_collection: str = "colstream_documents"
+    on_disk_float16: bool = True
+    # Storage options (issue 5); off by default.
+    token_pooling_factor: int = 0
+    mean_pooled_prefetch: bool = False
+
+
+class ApiSettings(BaseModel):
+    host: str = "0.0.0.0"
+    port: int = 8000
+    public_url: str = "http://127.0.0.1:8000"
+
+
+class EventGridSettings(BaseModel):
+    # Rule for document_id from a blob URL: "{container}/{blob}" by default.
+    document_id_template: str = "{container}/{blob}"
+    dedupe_capacity: int = 100_000
+
+
+class ColstreamSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="COLSTREAM_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
+    )
+
+    state_dir: Path = Field(default_factory=default_state_dir)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    blob: BlobSettings = Field(default_factory=BlobSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    eventgrid: EventGridSettings = Field(default_factory=EventGridSettings)
+
+    # Unprefixed names that win: see module docstring.
+    kafka_bootstrap_servers: str | None = Field(
+        default=None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS")
+    )
+    qdrant_url: str | None = Field(default=None, validation_alias=AliasChoices("QDRANT_URL"))
+    qdrant_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("QDRANT_API_KEY"))
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.kafka_bootstrap_servers:
+            self.kafka.bootstrap_servers = self.kafka_bootstrap_servers
+        if self.qdrant_url:
+            self.qdrant.url = self.qdrant_url
+        if self.qdrant_api_key is not None:
+            self.qdrant.api_key = self.qdrant_api_key
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ColstreamSettings:
+    return ColstreamSettings()

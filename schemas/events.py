@@ -1,0 +1,293 @@
+"""The event contracts every topic carries.
+
+All payloads are plain JSON a person can type with kcat. Binary parts (page
+images, float16 vectors) are base64 inside that JSON. Every model is frozen:
+where a record came from (topic, partition, offset) travels beside it in an
+:class:`~colstream.schemas.envelope.Envelope`, never inside it.
+
+Versions: an upload's version is the offset of its record in the compacted,
+document_id-keyed uploads topic. Offsets only grow per partition and a key
+always maps to one partition, so the version only grows per document_id, and
+a replay of the topic reproduces the same versions. Pages and vectors carry
+it, and the sink keeps only the newest.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+
+# Printable, no path separators' tricks beyond '/', bounded: document ids end up
+# in Kafka keys, Qdrant payloads, blob names and log lines.
+DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/=+-]{0,255}$"
+_DOCUMENT_ID_RE = re.compile(DOCUMENT_ID_PATTERN)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _check_schema_version(value: int) -> int:
+    if value not in SUPPORTED_SCHEMA_VERSIONS:
+        raise ValueError(
+            f"unsupported schema_version {value}; this build understands {sorted(SUPPORTED_SCHEMA_VERSIONS)}"
+        )
+    return value
+
+
+def _check_document_id(value: str) -> str:
+    if not _DOCUMENT_ID_RE.match(value) or ".." in value:
+        raise ValueError(
+            "document_id must be 1-256 characters of letters, digits and ._:@/=+- "
+            "(starting with a letter or digit, no '..')"
+        )
+    return value
+
+
+class UploadEvent(_Frozen):
+    """Value of a record on ``documents.uploads``; the key is ``document_id``.
+
+    A tombstone (same key, null value) deletes the document.
+    """
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"document_id": "invoice-42", "blob_uri": "file:///data/blobs/invoice-42.pdf"},
+                {
+                    "document_id": "contracts/2026/a.pdf",
+                    "blob_uri": "https://acct.blob.core.windows.net/docs/contracts/2026/a.pdf",
+                    "filename": "a.pdf",
+                    "content_type": "application/pdf",
+                    "metadata": {"tenant": "acme"},
+                    "schema_version": 1,
+                },
+            ]
+        },
+    )
+
+    document_id: str = Field(description="Stable id of the document; must equal the record key.")
+    blob_uri: str = Field(description="file:// under the configured root, or an allowlisted Azure blob URL.")
+    filename: str | None = Field(default=None, max_length=1024)
+    content_type: str | None = Field(default=None, max_length=255)
+    metadata: dict[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    _v_doc = field_validator("document_id")(_check_document_id)
+    _v_schema = field_validator("schema_version")(_check_schema_version)
+
+    @field_validator("blob_uri")
+    @classmethod
+    def _blob_uri_scheme(cls, value: str) -> str:
+        if not (value.startswith("file://") or value.startswith("https://") or value.startswith("http://")):
+            raise ValueError("blob_uri must be a file://, https:// or (emulator) http:// URI")
+        return value
+
+    def display_name(self) -> str:
+        if self.filename:
+            return self.filename
+        return self.blob_uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+class DocumentRef(_Frozen):
+    """What every downstream message knows about the document it belongs to."""
+
+    document_id: str
+    version: int = Field(ge=0, description="Offset of the upload (or tombstone) record on the uploads topic.")
+    filename: str | None = None
+    blob_uri: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class PageTask(_Frozen):
+    """One rendered page on ``documents.pages`` (key: document_id)."""
+
+    type: Literal["page"] = "page"
+    schema_version: int = SCHEMA_VERSION
+    document: DocumentRef
+    page_number: int = Field(ge=1)
+    total_pages: int = Field(ge=1)
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    # Exactly one of the two: the encoded image inline, or a claim-check reference
+    # to a blob holding it when it is too big for the topic.
+    image_b64: str | None = None
+    image_ref: str | None = None
+
+    _v_schema = field_validator("schema_version")(_check_schema_version)
+
+    def image_bytes(self) -> bytes:
+        if self.image_b64 is None:
+            raise ValueError("page image travels by reference; resolve image_ref through the blob store")
+        return base64.b64decode(self.image_b64)
+
+
+class PageFailed(_Frozen):
+    """A page that could not be rendered or embedded; the rest of its document goes on."""
+
+    type: Literal["page_failed"] = "page_failed"
+    schema_version: int = SCHEMA_VERSION
+    document: DocumentRef
+    page_number: int = Field(ge=1)
+    total_pages: int = Field(ge=1)
+    stage: str
+    error_type: str
+    message: str
+
+
+class DocumentDeleted(_Frozen):
+    """A tombstone on the uploads topic, carried down to the sink in order with the pages."""
+
+    type: Literal["document_deleted"] = "document_deleted"
+    schema_version: int = SCHEMA_VERSION
+    document: DocumentRef
+
+
+class DocumentFailed(_Frozen):
+    """The latest version of a document produced no pages at all (broken file, missing blob...)."""
+
+    type: Literal["document_failed"] = "document_failed"
+    schema_version: int = SCHEMA_VERSION
+    document: DocumentRef
+    stage: str
+    error_type: str
+    message: str
+
+
+class PageVectors(_Frozen):
+    """One page's multivector on ``documents.vectors``: float16, real tokens only."""
+
+    type: Literal["page_vectors"] = "page_vectors"
+    schema_version: int = SCHEMA_VERSION
+    document: DocumentRef
+    page_number: int = Field(ge=1)
+    total_pages: int = Field(ge=1)
+    model: str
+    dim: int = Field(ge=1)
+    num_tokens: int = Field(ge=1)
+    dtype: Literal["float16"] = "float16"
+    vectors_b64: str | None = None
+    vectors_ref: str | None = None
+
+    _v_schema = field_validator("schema_version")(_check_schema_version)
+
+    @classmethod
+    def from_array(
+        cls, *, document: DocumentRef, page_number: int, total_pages: int, model: str, array: np.ndarray
+    ) -> PageVectors:
+        if array.ndim != 2 or array.shape[0] == 0:
+            raise ValueError(f"expected a non-empty (tokens, dim) array, got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("page vectors contain NaN or inf")
+        half = np.ascontiguousarray(array, dtype="<f2")
+        return cls(
+            document=document,
+            page_number=page_number,
+            total_pages=total_pages,
+            model=model,
+            dim=int(half.shape[1]),
+            num_tokens=int(half.shape[0]),
+            vectors_b64=base64.b64encode(half.tobytes()).decode("ascii"),
+        )
+
+    def to_array(self) -> np.ndarray:
+        if self.vectors_b64 is None:
+            raise ValueError("vectors travel by reference; resolve vectors_ref through the blob store")
+        raw = base64.b64decode(self.vectors_b64)
+        return np.frombuffer(raw, dtype="<f2").reshape(self.num_tokens, self.dim)
+
+
+PipelineMessage = Annotated[
+    PageTask | PageFailed | DocumentDeleted | DocumentFailed, Field(discriminator="type")
+]
+VectorsMessage = Annotated[
+    PageVectors | PageFailed | DocumentDeleted | DocumentFailed, Field(discriminator="type")
+]
+PIPELINE_MESSAGE: TypeAdapter[PageTask | PageFailed | DocumentDeleted | DocumentFailed] = TypeAdapter(
+    PipelineMessage
+)
+VECTORS_MESSAGE: TypeAdapter[PageVectors | PageFailed | DocumentDeleted | DocumentFailed] = TypeAdapter(
+    VectorsMessage
+)
+
+
+class DocumentIndexed(_Frozen):
+    """Published on ``documents.indexed`` when every page of a version is settled."""
+
+    type: Literal["document_indexed"] = "document_indexed"
+    schema_version: int = SCHEMA_VERSION
+    document_id: str
+    version: int
+    state: Literal["complete", "partial", "failed", "deleted"]
+    total_pages: int
+    indexed_pages: int
+    failed_pages: list[int] = Field(default_factory=list)
+    model: str | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+class DeadLetter(_Frozen):
+    """Everything a stage could not process, with enough to act on it and redrive it."""
+
+    type: Literal["dead_letter"] = "dead_letter"
+    schema_version: int = SCHEMA_VERSION
+    stage: str
+    error_type: str
+    message: str
+    source_topic: str
+    source_partition: int | None = None
+    source_offset: int | None = None
+    original_key: str | None = None
+    original_value: str | None = None
+    original_value_b64: str | None = Field(
+        default=None, description="Set instead of original_value when the value is not UTF-8."
+    )
+    document_id: str | None = None
+    version: int | None = None
+    page_number: int | None = None
+    failed_at: datetime = Field(default_factory=utcnow)
+
+    def original_value_bytes(self) -> bytes | None:
+        if self.original_value_b64 is not None:
+            return base64.b64decode(self.original_value_b64)
+        if self.original_value is not None:
+            return self.original_value.encode("utf-8")
+        return None
+
+
+class DocumentRecord(BaseModel):
+    """The sink's per-document record: the read model behind ``GET /documents``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    document_id: str
+    version: int
+    state: Literal["indexing", "complete", "partial", "failed", "deleted"]
+    filename: str | None = None
+    blob_uri: str | None = None
+    model: str | None = None
+    total_pages: int = 0
+    indexed_pages: list[int] = Field(default_factory=list)
+    failed_pages: list[int] = Field(default_factory=list)
+    embedding_dimension: int | None = None
+    error: str | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def settled(self) -> bool:
+        return self.total_pages > 0 and len(self.indexed_pages) + len(self.failed_pages) >= self.total_pages
