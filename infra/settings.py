@@ -130,6 +130,14 @@ class BlobSettings(BaseModel):
     # {"devstoreaccount1": "http://127.0.0.1:10000/devstoreaccount1"}.
     azure_endpoints: dict[str, str] = Field(default_factory=dict)
     claim_check_container: str = "colstream-claims"
+    # Account that put_bytes/put_file write to when azure_upload_container is set;
+    # defaults to the connection string's account, else the only allowlisted one.
+    azure_upload_account: str | None = None
+    # Where downloads are spooled (bounded temp files); None = the system temp dir.
+    download_dir: Path | None = None
+    # Largest piece of a blob held in memory at once while streaming it.
+    chunk_bytes: int = 4 * 1024 * 1024
+    azure_timeout_s: float = 60.0
 
 
 class LimitSettings(BaseModel):
@@ -177,6 +185,19 @@ class EventGridSettings(BaseModel):
     # Rule for document_id from a blob URL: "{container}/{blob}" by default.
     document_id_template: str = "{container}/{blob}"
     dedupe_capacity: int = 100_000
+    # CloudEvents abuse protection: origins allowed to deliver (WebHook-Request-Origin).
+    allowed_origins: list[str] = Field(default_factory=lambda: ["eventgrid.azure.net"])
+    # validationUrl / WebHook-Request-Callback hosts we are willing to GET (SSRF guard).
+    validation_host_suffixes: list[str] = Field(
+        default_factory=lambda: [".eventgrid.azure.net", ".eventgrid.azure.us", ".eventgrid.azure.cn"]
+    )
+    # Optional secret the subscription appends as ?key=... to the webhook URL.
+    shared_secret: SecretStr | None = None
+    # Event Grid batches are at most 1 MB; anything much bigger is not Event Grid.
+    max_body_bytes: int = 2 * 1024 * 1024
+    # BlobCreated with these APIs carry no content yet (ADLS Gen2 creates the empty
+    # file first, then fires again on FlushWithClose).
+    ignored_created_apis: list[str] = Field(default_factory=lambda: ["CreateFile"])
 
 
 class ColstreamSettings(BaseSettings):
@@ -185,6 +206,8 @@ class ColstreamSettings(BaseSettings):
     )
 
     state_dir: Path = Field(default_factory=default_state_dir)
+    # Consumer groups are "<prefix>splitter", "<prefix>embedder", "<prefix>sink".
+    consumer_group_prefix: str = "colstream-"
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
     blob: BlobSettings = Field(default_factory=BlobSettings)

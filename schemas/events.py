@@ -181,8 +181,7 @@ class PageVectors(_Frozen):
     dim: int = Field(ge=1)
     num_tokens: int = Field(ge=1)
     dtype: Literal["float16"] = "float16"
-    vectors_b64: str | None = None
-    vectors_ref: str | None = None
+    vectors_b64: str
 
     _v_schema = field_validator("schema_version")(_check_schema_version)
 
@@ -206,8 +205,6 @@ class PageVectors(_Frozen):
         )
 
     def to_array(self) -> np.ndarray:
-        if self.vectors_b64 is None:
-            raise ValueError("vectors travel by reference; resolve vectors_ref through the blob store")
         raw = base64.b64decode(self.vectors_b64)
         return np.frombuffer(raw, dtype="<f2").reshape(self.num_tokens, self.dim)
 

@@ -1,0 +1,192 @@
+"""The sink's pure core: latest-wins writes of page vectors and document records.
+
+Rule: for each document the index holds exactly the pages of the newest version
+the sink has seen, where a version is the offset of the upload (or tombstone) on
+the uploads topic. So, per message, in the order of its partition:
+
+* older than the document's record -> dropped, never written (a delete or a
+  re-upload overtook it);
+* newer -> a new version starts: pages of older versions are purged, the record
+  restarts at that version;
+* equal -> written again; point ids are deterministic, so replays are harmless.
+
+Writes happen in this order within one batch: purge older versions, upsert the
+new pages, then persist the records. A crash between any two steps replays the
+batch from the last commit and converges to the same state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from colstream.infra.vectorstore import PagePoint
+from colstream.schemas import (
+    DocumentDeleted,
+    DocumentFailed,
+    DocumentIndexed,
+    DocumentRecord,
+    PageFailed,
+    PageVectors,
+)
+from colstream.schemas.events import utcnow
+
+VectorsMessage = PageVectors | PageFailed | DocumentDeleted | DocumentFailed
+
+
+class PageWriter(Protocol):
+    """The part of the vector store the sink needs."""
+
+    def upsert_pages(self, points: Sequence[PagePoint]) -> None: ...
+
+    def delete_document(self, document_id: str, below_version: int | None = None) -> None: ...
+
+    def get_records(self, document_ids: Sequence[str]) -> dict[str, DocumentRecord]: ...
+
+    def put_records(self, records: Sequence[DocumentRecord]) -> None: ...
+
+
+@dataclass
+class SinkOutcome:
+    written_pages: int = 0
+    dropped_stale: int = 0
+    completed: list[DocumentIndexed] = field(default_factory=list)
+
+
+@dataclass
+class _DocumentPlan:
+    record: DocumentRecord | None
+    was_settled_at: int | None  # version the persisted record was already settled at
+    purge_all: bool = False
+    purge_below: int | None = None
+    upserts: dict[int, PagePoint] = field(default_factory=dict)
+    touched: bool = False
+
+
+def _settled_state(record: DocumentRecord) -> str:
+    if not record.indexed_pages:
+        return "failed"
+    return "partial" if record.failed_pages else "complete"
+
+
+class SinkCore:
+    def __init__(self, store: PageWriter) -> None:
+        self.store = store
+
+    def apply(self, messages: Sequence[VectorsMessage]) -> SinkOutcome:
+        outcome = SinkOutcome()
+        doc_ids = list(dict.fromkeys(m.document.document_id for m in messages))
+        existing = self.store.get_records(doc_ids)
+        plans = {
+            d: _DocumentPlan(
+                record=existing.get(d),
+                was_settled_at=(
+                    existing[d].version
+                    if d in existing and (existing[d].settled or existing[d].state in ("deleted", "failed"))
+                    else None
+                ),
+            )
+            for d in doc_ids
+        }
+        for message in messages:
+            plan = plans[message.document.document_id]
+            if not self._plan_message(plan, message):
+                outcome.dropped_stale += 1
+
+        # 1. purge older versions / deleted documents
+        for doc_id, plan in plans.items():
+            if plan.purge_all:
+                self.store.delete_document(doc_id)
+            elif plan.purge_below is not None:
+                self.store.delete_document(doc_id, below_version=plan.purge_below)
+        # 2. write the pages of the surviving versions
+        points = [p for plan in plans.values() for p in plan.upserts.values()]
+        if points:
+            self.store.upsert_pages(points)
+        outcome.written_pages = len(points)
+        # 3. records last: a record never claims pages that are not durable yet
+        changed = [plan.record for plan in plans.values() if plan.touched and plan.record is not None]
+        for plan in plans.values():
+            rec = plan.record
+            if rec is None or not plan.touched:
+                continue
+            if rec.state == "indexing" and rec.settled:
+                rec.state = _settled_state(rec)  # type: ignore[assignment]
+            if rec.state != "indexing" and plan.was_settled_at != rec.version:
+                outcome.completed.append(
+                    DocumentIndexed(
+                        document_id=rec.document_id,
+                        version=rec.version,
+                        state=rec.state,  # type: ignore[arg-type]
+                        total_pages=rec.total_pages,
+                        indexed_pages=len(rec.indexed_pages),
+                        failed_pages=sorted(rec.failed_pages),
+                        model=rec.model,
+                    )
+                )
+        if changed:
+            self.store.put_records(changed)
+        return outcome
+
+    @staticmethod
+    def _plan_message(plan: _DocumentPlan, message: VectorsMessage) -> bool:
+        """Fold one message into the document's plan; False when it is stale."""
+        ref = message.document
+        rec = plan.record
+        if rec is not None and ref.version < rec.version:
+            return False
+        if isinstance(message, DocumentDeleted | DocumentFailed):
+            if rec is not None and ref.version == rec.version and rec.state in ("deleted", "failed"):
+                return True  # replayed: already applied
+            plan.record = DocumentRecord(
+                document_id=ref.document_id,
+                version=ref.version,
+                state="deleted" if isinstance(message, DocumentDeleted) else "failed",
+                filename=ref.filename,
+                blob_uri=ref.blob_uri,
+                error=None if isinstance(message, DocumentDeleted) else f"{message.error_type}: {message.message}",
+            )
+            plan.purge_all, plan.purge_below = True, None
+            plan.upserts.clear()
+            plan.touched = True
+            return True
+        if rec is not None and ref.version == rec.version and rec.state in ("deleted", "failed"):
+            return False
+        if rec is None or ref.version > rec.version:
+            rec = DocumentRecord(
+                document_id=ref.document_id,
+                version=ref.version,
+                state="indexing",
+                filename=ref.filename,
+                blob_uri=ref.blob_uri,
+                total_pages=message.total_pages,
+            )
+            plan.record = rec
+            plan.purge_all, plan.purge_below = False, ref.version
+            plan.upserts.clear()
+        rec.total_pages = message.total_pages
+        rec.updated_at = utcnow()
+        page = message.page_number
+        if isinstance(message, PageVectors):
+            plan.upserts[page] = PagePoint(
+                document_id=ref.document_id,
+                version=ref.version,
+                page_number=page,
+                total_pages=message.total_pages,
+                filename=ref.filename,
+                blob_uri=ref.blob_uri,
+                model=message.model,
+                vectors=message.to_array(),
+            )
+            if page not in rec.indexed_pages:
+                rec.indexed_pages = sorted([*rec.indexed_pages, page])
+            if page in rec.failed_pages:
+                rec.failed_pages = [p for p in rec.failed_pages if p != page]
+            rec.model = message.model
+            rec.embedding_dimension = message.dim
+        else:
+            if page not in rec.failed_pages and page not in rec.indexed_pages:
+                rec.failed_pages = sorted([*rec.failed_pages, page])
+        plan.touched = True
+        return True

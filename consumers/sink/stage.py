@@ -1,0 +1,90 @@
+"""Sink: page vectors in, Qdrant points and per-document records out.
+
+The runner hands over a micro-batch; :class:`SinkCore` applies latest-wins and
+writes durably; only then are completion events produced to
+``documents.indexed`` and the offsets committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+from colstream.consumers.sink.core import SinkCore, VectorsMessage
+from colstream.infra.kafka import OutRecord
+from colstream.infra.settings import ColstreamSettings
+from colstream.infra.stage_runner import Emit, RawRecord, StageRunner, dead_letter
+from colstream.infra.vectorstore import VectorStore, open_vector_store
+from colstream.schemas import InvalidRecord, decode_vectors, encode
+
+log = logging.getLogger(__name__)
+
+STAGE = "sink"
+
+
+class SinkHandler:
+    name = STAGE
+
+    def __init__(self, settings: ColstreamSettings, store: VectorStore, *, write_attempts: int = 8) -> None:
+        self.settings = settings
+        self.topics = settings.topics
+        self.store = store
+        self.core = SinkCore(store)
+        self.write_attempts = write_attempts
+
+    def submit(self, records: Sequence[RawRecord], emit: Emit) -> Future[list[OutRecord]]:
+        result: Future[list[OutRecord]] = Future()
+        try:
+            result.set_result(self.write(records))
+        except BaseException as exc:
+            result.set_exception(exc)
+        return result
+
+    def write(self, records: Sequence[RawRecord]) -> list[OutRecord]:
+        outputs: list[OutRecord] = []
+        messages: list[VectorsMessage] = []
+        for record in records:
+            try:
+                messages.append(decode_vectors(record.value))
+            except InvalidRecord as exc:
+                outputs.append(dead_letter(STAGE, self.topics.dlq, record, exc.error_type, str(exc)))
+        if messages:
+            outcome = self._apply_with_retry(messages)
+            outputs.extend(
+                OutRecord(self.topics.indexed, done.document_id, encode(done)) for done in outcome.completed
+            )
+        return outputs
+
+    def _apply_with_retry(self, messages: list[VectorsMessage]):  # type: ignore[no-untyped-def]
+        # A store outage is not the documents' fault: retry with backoff, and if it
+        # persists let the stage stop uncommitted so a restart replays the batch.
+        delay = 0.5
+        for attempt in range(1, self.write_attempts + 1):
+            try:
+                return self.core.apply(messages)
+            except Exception as exc:
+                if attempt == self.write_attempts:
+                    raise
+                log.warning("sink: write failed (%s), attempt %d/%d", exc, attempt, self.write_attempts)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def build_sink(settings: ColstreamSettings, store: VectorStore | None = None) -> StageRunner:
+    store = store or open_vector_store(settings.qdrant)
+    store.ensure_collections()
+    return StageRunner(
+        settings,
+        SinkHandler(settings, store),
+        topics=[settings.topics.vectors],
+        group_id=f"{settings.consumer_group_prefix}sink",
+        batch_size=64,
+        batch_timeout_ms=100,
+        max_in_flight=1,
+    )

@@ -1,0 +1,191 @@
+"""Thin confluent-kafka plumbing: lazily built clients, topic creation, produce-and-wait."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from colstream.infra.settings import ColstreamSettings, TopicSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    topic: str
+    key: str | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+class DeliveryFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class DeliveryTracker:
+    """Counts in-flight deliveries so a stage knows when the broker has everything."""
+
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def callback(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            with self.lock:
+                self.errors.append(f"{msg.topic()}: {err.str()}")
+
+    def take_errors(self) -> list[str]:
+        with self.lock:
+            errors, self.errors = self.errors, []
+        return errors
+
+
+class ProducerClient:
+    """One producer per process, created on first use; ``flush_or_raise`` is the durability fence."""
+
+    def __init__(self, settings: ColstreamSettings, extra: dict[str, Any] | None = None) -> None:
+        self._settings = settings
+        self._extra = extra or {}
+        self._producer: Producer | None = None
+        self._tracker = DeliveryTracker()
+        self._lock = threading.Lock()
+
+    @property
+    def producer(self) -> Producer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = Producer({**self._settings.kafka.producer_config(), **self._extra})
+            return self._producer
+
+    def send(self, record: OutRecord) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    record.topic,
+                    key=record.key.encode("utf-8") if record.key is not None else None,
+                    value=record.value,
+                    headers=list(record.headers) or None,
+                    on_delivery=self._tracker.callback,
+                )
+                break
+            except BufferError:
+                # Local queue full: let deliveries drain, which is the backpressure we want.
+                self.producer.poll(0.1)
+        self.producer.poll(0)
+
+    def send_and_wait(self, record: OutRecord, timeout_s: float = 60.0) -> tuple[int, int]:
+        """Send one record and return its (partition, offset) once acknowledged."""
+        acked: dict[str, Any] = {}
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            acked["err"], acked["partition"], acked["offset"] = err, msg.partition(), msg.offset()
+
+        self.producer.produce(
+            record.topic,
+            key=record.key.encode("utf-8") if record.key is not None else None,
+            value=record.value,
+            headers=list(record.headers) or None,
+            on_delivery=on_delivery,
+        )
+        deadline = time.monotonic() + timeout_s
+        while "offset" not in acked:
+            if time.monotonic() > deadline:
+                raise DeliveryFailed(f"record to {record.topic} not acknowledged within {timeout_s:.0f}s")
+            self.producer.poll(0.1)
+        if acked["err"] is not None:
+            raise DeliveryFailed(f"{record.topic}: {acked['err'].str()}")
+        return int(acked["partition"]), int(acked["offset"])
+
+    def send_all(self, records: Iterable[OutRecord]) -> None:
+        for record in records:
+            self.send(record)
+
+    def flush_or_raise(self, timeout_s: float = 120.0) -> None:
+        """Return only once the broker acknowledged every record sent so far."""
+        if self._producer is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = self._producer.flush(timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+            if remaining == 0:
+                break
+            if time.monotonic() > deadline:
+                raise DeliveryFailed(f"{remaining} records not acknowledged within {timeout_s:.0f}s")
+        errors = self._tracker.take_errors()
+        if errors:
+            raise DeliveryFailed("broker refused records: " + "; ".join(errors[:5]))
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(10)
+            self._producer = None
+
+
+def admin_client(settings: ColstreamSettings) -> AdminClient:
+    return AdminClient(settings.kafka.common_config())
+
+
+def topic_specs(topics: TopicSettings) -> list[NewTopic]:
+    def spec(name: str, config: dict[str, str]) -> NewTopic:
+        return NewTopic(
+            name,
+            num_partitions=topics.partitions,
+            replication_factor=topics.replication_factor,
+            config=config,
+        )
+
+    return [
+        # Keyed by document_id and compacted: the latest upload per document is the
+        # source of truth, and the whole index can be rebuilt from it.
+        spec(
+            topics.uploads,
+            {
+                "cleanup.policy": "compact",
+                "delete.retention.ms": str(topics.uploads_delete_retention_ms),
+                "min.compaction.lag.ms": "60000",
+            },
+        ),
+        spec(topics.pages, {"max.message.bytes": str(topics.pages_max_message_bytes)}),
+        spec(topics.vectors, {"max.message.bytes": str(topics.vectors_max_message_bytes)}),
+        spec(topics.indexed, {"cleanup.policy": "compact"}),
+        spec(topics.dlq, {"retention.ms": str(30 * 24 * 3600 * 1000)}),
+    ]
+
+
+def ensure_topics(settings: ColstreamSettings, timeout_s: float = 30.0) -> dict[str, str]:
+    """Create the pipeline's topics; existing ones are left as they are. Idempotent."""
+    admin = admin_client(settings)
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    outcome: dict[str, str] = {}
+    wanted = [t for t in topic_specs(settings.topics) if t.topic not in existing]
+    for t in topic_specs(settings.topics):
+        if t.topic in existing:
+            outcome[t.topic] = "exists"
+    if wanted:
+        for name, future in admin.create_topics(wanted, request_timeout=timeout_s).items():
+            try:
+                future.result(timeout=timeout_s)
+                outcome[name] = "created"
+            except KafkaException as exc:
+                if exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                    outcome[name] = "exists"
+                else:
+                    raise
+    return outcome
+
+
+def describe_topic_configs(settings: ColstreamSettings, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    admin = admin_client(settings)
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, n) for n in names]
+    result: dict[str, dict[str, str]] = {}
+    for res, future in admin.describe_configs(resources).items():
+        entries = future.result(timeout=30)
+        result[res.name] = {k: v.value for k, v in entries.items()}
+    return result

@@ -1,0 +1,107 @@
+"""Shared fixtures: a real Kafka broker for the session, a random topic set per test.
+
+Broker choice, in order: ``KAFKA_BOOTSTRAP_SERVERS`` when set; testcontainers'
+Kafka when a Docker engine answers; otherwise the project's own local Apache
+Kafka (official jars through Maven), started for the session and stopped after.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from colstream.infra.settings import ColstreamSettings
+
+REPO = Path(__file__).resolve().parent.parent
+STATE = Path(os.environ.get("COLSTREAM_STATE_DIR", REPO / ".colstream" / "test"))
+
+
+def _docker_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    import subprocess
+
+    return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    explicit = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if explicit:
+        yield explicit
+        return
+    if _docker_available():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    from colstream.infra.local_kafka import LocalKafka
+
+    broker = LocalKafka(state_dir=STATE, port=int(os.environ.get("COLSTREAM_TEST_KAFKA_PORT", "9092")))
+    already = broker.is_running()
+    servers = broker.start()
+    try:
+        yield servers
+    finally:
+        if not already:
+            broker.stop()
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    path = STATE / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_colqwen2(model_cache: Path) -> Path:
+    from colstream.embedding.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint("colqwen2", model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_colpali(model_cache: Path) -> Path:
+    from colstream.embedding.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint("colpali", model_cache)
+
+
+def make_settings(tmp_path: Path, bootstrap: str, model_path: Path | None = None, **topic_overrides: int) -> ColstreamSettings:
+    """Settings with a random topic set and consumer groups: tests never see each other's records."""
+    run = uuid.uuid4().hex[:8]
+    settings = ColstreamSettings()
+    settings.state_dir = tmp_path
+    settings.kafka.bootstrap_servers = bootstrap
+    settings.kafka.linger_ms = 5
+    settings.consumer_group_prefix = f"t{run}-"
+    for name in ("uploads", "pages", "vectors", "indexed", "dlq"):
+        setattr(settings.topics, name, f"t{run}.documents.{name}")
+    settings.topics.partitions = 3
+    for key, value in topic_overrides.items():
+        setattr(settings.topics, key, value)
+    settings.blob.local_root = tmp_path / "blobs"
+    settings.blob.local_root.mkdir(parents=True, exist_ok=True)
+    settings.qdrant.path = tmp_path / "qdrant"
+    settings.qdrant.url = None
+    if model_path is not None:
+        settings.model.name_or_path = str(model_path)
+    settings.model.batch_size = 4
+    settings.model.batch_timeout_ms = 50
+    return settings
+
+
+@pytest.fixture
+def pipeline_settings(tmp_path: Path, kafka_bootstrap: str, tiny_colqwen2: Path) -> ColstreamSettings:
+    from colstream.infra.kafka import ensure_topics
+
+    settings = make_settings(tmp_path, kafka_bootstrap, tiny_colqwen2)
+    ensure_topics(settings)
+    return settings
