@@ -1,0 +1,331 @@
+"""Qdrant Edge backend: two in-process shards under ``settings.path``.
+
+``<path>/<collection>`` holds the pages, ``<path>/<records_collection>`` the
+per-document records. Edge has no collections, so each one is its own shard
+directory, and Edge locks a shard's WAL: one process at a time per directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import qdrant_edge as edge
+from colstream.infra.settings import QdrantSettings
+from colstream.infra.vectorstore import (
+    DEFAULT_DIM,
+    ORIGINAL_VECTOR,
+    POOLED_VECTOR,
+    PREFETCH_CANDIDATES_PER_RESULT,
+    PREFETCH_MIN_CANDIDATES,
+    PagePoint,
+    PagesLayout,
+    check_page_dims,
+    check_query,
+    pages_layout,
+    record_from_payload,
+    record_point_id,
+)
+from colstream.schemas.events import DocumentRecord
+
+_SCROLL_PAGE = 256
+# Points per update call: bounds the memory of one Python -> Rust conversion.
+_UPSERT_CHUNK = 64
+# Edge needs at least one vector per shard; records carry this placeholder.
+_RECORD_VECTOR = [1.0]
+_LAYOUT_FILE = "colstream_layout.json"
+
+
+class EdgeVectorStore:
+    backend = "qdrant-edge"
+
+    def __init__(self, settings: QdrantSettings) -> None:
+        self._settings = settings
+        self._root = Path(settings.path)
+        self._pages_dir = self._root / settings.collection
+        self._records_dir = self._root / settings.records_collection
+        self._pages: edge.EdgeShard | None = None
+        self._records: edge.EdgeShard | None = None
+        self._layout: PagesLayout | None = None
+        # Edge calls are thread-safe, but open/close must not race a write.
+        self._lock = threading.RLock()
+        if _has_shard(self._pages_dir):
+            self._layout = _layout_on_disk(self._pages_dir)
+            self._pages = _load(self._pages_dir, None)
+        if _has_shard(self._records_dir):
+            self._records = _load(self._records_dir, None)
+
+    # -- collections -------------------------------------------------------------------------
+
+    def ensure_collections(self, dim: int = DEFAULT_DIM) -> None:
+        with self._lock:
+            wanted = pages_layout(self._settings, dim)
+            if self._pages is None or self._layout is None:
+                self._pages = _create(self._pages_dir, _pages_config(wanted))
+                # Written after the shard: a crash in between leaves a shard whose layout
+                # _layout_on_disk can still derive from edge_config.json.
+                _write_json_atomically(self._pages_dir / _LAYOUT_FILE, wanted.as_dict())
+                self._layout = wanted
+            else:
+                self._layout.check_compatible(wanted, f"pages shard {self._pages_dir}")
+            _ensure_index(self._pages, "document_id", edge.PayloadSchemaType.Keyword)
+            _ensure_index(self._pages, "version", edge.PayloadSchemaType.Integer)
+            self._ensure_records()
+
+    def _ensure_records(self) -> edge.EdgeShard:
+        if self._records is None:
+            config = edge.EdgeConfig(
+                vectors=edge.EdgeVectorParams(size=len(_RECORD_VECTOR), distance=edge.Distance.Dot)
+            )
+            self._records = _create(self._records_dir, config)
+            _ensure_index(self._records, "document_id", edge.PayloadSchemaType.Keyword)
+        return self._records
+
+    def _pages_shard(self) -> tuple[edge.EdgeShard, PagesLayout]:
+        if self._pages is None or self._layout is None:
+            raise RuntimeError("pages collection does not exist yet: call ensure_collections() first")
+        return self._pages, self._layout
+
+    # -- pages -------------------------------------------------------------------------------
+
+    def upsert_pages(self, points: Sequence[PagePoint]) -> None:
+        if not points:
+            return
+        with self._lock:
+            shard, layout = self._pages_shard()
+            check_page_dims(points, layout.dim)
+            for start in range(0, len(points), _UPSERT_CHUNK):
+                chunk = points[start : start + _UPSERT_CHUNK]
+                shard.update(edge.UpdateOperation.upsert_points([_edge_point(p, layout) for p in chunk]))
+            shard.flush()
+
+    def delete_document(self, document_id: str, below_version: int | None = None) -> None:
+        with self._lock:
+            if self._pages is None:
+                return
+            self._pages.update(
+                edge.UpdateOperation.delete_points_by_filter(_document_filter(document_id, below_version))
+            )
+            self._pages.flush()
+
+    def page_payloads(self, document_id: str | None = None) -> list[dict[str, Any]]:
+        if self._pages is None:
+            return []
+        filter_ = _document_filter(document_id) if document_id is not None else None
+        return [dict(record.payload or {}) for record in _scroll(self._pages, filter_)]
+
+    def count_pages(self, document_id: str | None = None) -> int:
+        if self._pages is None:
+            return 0
+        filter_ = _document_filter(document_id) if document_id is not None else None
+        return int(self._pages.count(edge.CountRequest(exact=True, filter=filter_)))
+
+    def search(
+        self, query: np.ndarray, limit: int = 10, document_id: str | None = None
+    ) -> list[tuple[float, dict[str, Any]]]:
+        if self._pages is None or limit <= 0:
+            return []
+        shard, layout = self._pages_shard()
+        vectors = check_query(query, layout.dim)
+        filter_ = _document_filter(document_id) if document_id is not None else None
+        if self._settings.mean_pooled_prefetch and layout.named:
+            candidates = max(limit * PREFETCH_CANDIDATES_PER_RESULT, PREFETCH_MIN_CANDIDATES)
+            request = edge.QueryRequest(
+                limit=limit,
+                prefetches=[
+                    edge.Prefetch(
+                        limit=candidates,
+                        query=edge.Query.Nearest(vectors, using=POOLED_VECTOR),
+                        filter=filter_,
+                    )
+                ],
+                query=edge.Query.Nearest(vectors, using=ORIGINAL_VECTOR),
+                filter=filter_,
+                with_payload=True,
+            )
+        else:
+            using = ORIGINAL_VECTOR if layout.named else None
+            request = edge.QueryRequest(
+                limit=limit, query=edge.Query.Nearest(vectors, using=using), filter=filter_, with_payload=True
+            )
+        return [(float(hit.score), dict(hit.payload or {})) for hit in shard.query(request)]
+
+    # -- records -----------------------------------------------------------------------------
+
+    def get_records(self, document_ids: Sequence[str]) -> dict[str, DocumentRecord]:
+        if self._records is None or not document_ids:
+            return {}
+        found = self._records.retrieve(
+            [record_point_id(doc) for doc in dict.fromkeys(document_ids)],
+            with_payload=True,
+            with_vector=False,
+        )
+        records = (record_from_payload(dict(hit.payload or {})) for hit in found)
+        return {record.document_id: record for record in records}
+
+    def put_records(self, records: Sequence[DocumentRecord]) -> None:
+        if not records:
+            return
+        with self._lock:
+            shard = self._ensure_records()
+            shard.update(
+                edge.UpdateOperation.upsert_points(
+                    [
+                        edge.Point(
+                            record_point_id(record.document_id),
+                            _RECORD_VECTOR,
+                            record.model_dump(mode="json"),
+                        )
+                        for record in records
+                    ]
+                )
+            )
+            shard.flush()
+
+    def list_records(self) -> list[DocumentRecord]:
+        if self._records is None:
+            return []
+        return [record_from_payload(dict(hit.payload or {})) for hit in _scroll(self._records, None)]
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "collection_name": self._settings.collection,
+            "total_vectors": self.count_pages(),
+            "vector_dimension": self._layout.dim if self._layout else None,
+            "distance_metric": "COSINE",
+            "backend": self.backend,
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            for shard in (self._pages, self._records):
+                if shard is not None:
+                    shard.flush()
+                    shard.close()
+            self._pages = None
+            self._records = None
+
+    def __enter__(self) -> EdgeVectorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _pages_config(layout: PagesLayout) -> edge.EdgeConfig:
+    # Full-scan MaxSim over the page multivector: building HNSW over ~700 vectors per
+    # point costs minutes per hundred pages on small machines (field notes).
+    no_graph = edge.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10_000)
+    datatype = edge.VectorStorageDatatype.Float16 if layout.float16 else edge.VectorStorageDatatype.Float32
+
+    def multivector() -> edge.EdgeVectorParams:
+        return edge.EdgeVectorParams(
+            size=layout.dim,
+            distance=edge.Distance.Cosine,
+            multivector_config=edge.MultiVectorConfig(edge.MultiVectorComparator.MaxSim),
+            datatype=datatype,
+            hnsw_config=no_graph,
+        )
+
+    if not layout.named:
+        return edge.EdgeConfig(vectors=multivector())
+    # The pooled vector also stays graph-less: Edge builds graphs only in optimize(),
+    # and a full scan over 1/factor of the tokens is already the cheap first stage.
+    return edge.EdgeConfig(vectors={ORIGINAL_VECTOR: multivector(), POOLED_VECTOR: multivector()})
+
+
+def _layout_on_disk(directory: Path) -> PagesLayout:
+    sidecar = directory / _LAYOUT_FILE
+    if sidecar.exists():
+        return PagesLayout.from_dict(json.loads(sidecar.read_text()))
+    # A shard made elsewhere: Edge exposes no config getter, its own file tells the shape.
+    config = json.loads((directory / "edge_config.json").read_text())
+    vectors: dict[str, Any] = config["vectors"]
+    if "" not in vectors:
+        raise RuntimeError(
+            f"pages shard {directory} has named vectors {sorted(vectors)} and no {_LAYOUT_FILE}"
+        )
+    main = vectors[""]
+    return PagesLayout(
+        dim=int(main["size"]),
+        float16=main.get("datatype") == "float16",
+        pooling_factor=0,
+        prefetch_vector=False,
+    )
+
+
+def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    temporary = path.with_suffix(".tmp")
+    with temporary.open("w") as handle:
+        json.dump(data, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _edge_point(point: PagePoint, layout: PagesLayout) -> edge.Point:
+    stored = layout.stored_vectors(point.vectors)
+    # Edge converts numpy arrays element by element; nested float lists cross into
+    # Rust ~40% faster (measured: 5.4 vs 3.3 ms for a 700x128 page).
+    vector: Any
+    if isinstance(stored, dict):
+        vector = {name: array.astype(np.float32).tolist() for name, array in stored.items()}
+    else:
+        vector = stored.astype(np.float32).tolist()
+    return edge.Point(point.point_id, vector, point.payload())
+
+
+def _document_filter(document_id: str, below_version: int | None = None) -> edge.Filter:
+    conditions: list[Any] = [edge.FieldCondition("document_id", match=edge.MatchValue(document_id))]
+    if below_version is not None:
+        conditions.append(edge.FieldCondition("version", range=edge.RangeFloat(lt=below_version)))
+    return edge.Filter(must=conditions)
+
+
+def _scroll(shard: edge.EdgeShard, filter_: edge.Filter | None) -> Iterator[Any]:
+    offset: Any = None
+    while True:
+        records, offset = shard.scroll(
+            edge.ScrollRequest(offset=offset, limit=_SCROLL_PAGE, filter=filter_, with_payload=True)
+        )
+        yield from records
+        if offset is None:
+            return
+
+
+def _ensure_index(shard: edge.EdgeShard, field: str, schema: edge.PayloadSchemaType) -> None:
+    if field not in shard.info().payload_schema:
+        shard.update(edge.UpdateOperation.create_field_index(field, schema))
+
+
+def _has_shard(directory: Path) -> bool:
+    return (directory / "edge_config.json").exists()
+
+
+def _create(directory: Path, config: edge.EdgeConfig) -> edge.EdgeShard:
+    directory.mkdir(parents=True, exist_ok=True)
+    return _opening(directory, lambda: edge.EdgeShard.create(str(directory), config))
+
+
+def _load(directory: Path, config: edge.EdgeConfig | None) -> edge.EdgeShard:
+    return _opening(directory, lambda: edge.EdgeShard.load(str(directory), config))
+
+
+def _opening(directory: Path, open_shard: Any) -> edge.EdgeShard:
+    try:
+        shard: edge.EdgeShard = open_shard()
+    except Exception as exc:
+        if "WouldBlock" in str(exc):
+            raise RuntimeError(
+                f"Qdrant Edge shard {directory} is open in another process; only one process may "
+                "use a shard directory (point the other one at a Qdrant server or another path)"
+            ) from exc
+        raise
+    return shard

@@ -1,0 +1,317 @@
+"""Qdrant server backend through qdrant-client (also runs against its local mode in tests)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from colstream.infra.settings import QdrantSettings
+from colstream.infra.vectorstore import (
+    DEFAULT_DIM,
+    ORIGINAL_VECTOR,
+    POOLED_VECTOR,
+    PREFETCH_CANDIDATES_PER_RESULT,
+    PREFETCH_MIN_CANDIDATES,
+    PagePoint,
+    PagesLayout,
+    check_page_dims,
+    check_query,
+    pages_layout,
+    record_from_payload,
+    record_point_id,
+)
+from colstream.schemas.events import DocumentRecord
+from qdrant_client import QdrantClient
+from qdrant_client import models as qm
+from qdrant_client.http.exceptions import UnexpectedResponse
+
+log = logging.getLogger(__name__)
+
+_LAYOUT_METADATA_KEY = "colstream_pages_layout"
+_SCROLL_PAGE = 256
+# The server refuses requests over 32 MB by default. REST sends floats as JSON text,
+# up to ~24 bytes each ("-0.0123291015625,"), so budget on that, with headroom.
+_REQUEST_BUDGET_BYTES = 24 * 1024 * 1024
+_BYTES_PER_FLOAT_JSON = 24
+_BYTES_PER_POINT_OVERHEAD = 2048
+_TIMEOUT_S = 120
+
+
+class QdrantServerVectorStore:
+    backend = "qdrant"
+
+    def __init__(self, settings: QdrantSettings, client: QdrantClient | None = None) -> None:
+        self._settings = settings
+        if client is None:
+            if not settings.url:
+                raise ValueError("QdrantServerVectorStore needs settings.url or a ready QdrantClient")
+            api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+            client = QdrantClient(url=settings.url, api_key=api_key, timeout=_TIMEOUT_S)
+        self._client = client
+        self._pages = settings.collection
+        self._records = settings.records_collection
+        self._layout: PagesLayout | None = None
+        self._known_collections: set[str] = set()
+
+    def _exists(self, collection: str) -> bool:
+        # Collections are never dropped by this store: once seen, skip the round trip.
+        if collection not in self._known_collections and self._client.collection_exists(collection):
+            self._known_collections.add(collection)
+        return collection in self._known_collections
+
+    # -- collections -------------------------------------------------------------------------
+
+    def ensure_collections(self, dim: int = DEFAULT_DIM) -> None:
+        wanted = pages_layout(self._settings, dim)
+        if not self._exists(self._pages):
+            self._create_quietly(
+                self._pages,
+                vectors_config=_pages_vectors_config(wanted),
+                metadata={_LAYOUT_METADATA_KEY: wanted.as_dict()},
+            )
+        existing = self._layout_of_existing()
+        if existing is None:
+            raise RuntimeError(f"collection {self._pages!r} exists but is not a page multivector collection")
+        existing.check_compatible(wanted, f"collection {self._pages!r}")
+        self._layout = existing
+        # Creating an existing index is a no-op on the server.
+        for field, schema in (
+            ("document_id", qm.PayloadSchemaType.KEYWORD),
+            ("version", qm.PayloadSchemaType.INTEGER),
+        ):
+            self._client.create_payload_index(self._pages, field, schema, wait=True)
+        if not self._exists(self._records):
+            # Records carry no vector: the server allows vector-less collections.
+            self._create_quietly(self._records, vectors_config={})
+        self._client.create_payload_index(
+            self._records, "document_id", qm.PayloadSchemaType.KEYWORD, wait=True
+        )
+
+    def _create_quietly(self, name: str, **kwargs: Any) -> None:
+        try:
+            self._client.create_collection(name, **kwargs)
+        except UnexpectedResponse as exc:
+            # Another replica created it between our check and our call.
+            if exc.status_code != 409:
+                raise
+        except ValueError as exc:  # local mode says "already exists" this way
+            if "already exists" not in str(exc):
+                raise
+
+    def _layout_of_existing(self) -> PagesLayout | None:
+        config = self._client.get_collection(self._pages).config
+        stored = (config.metadata or {}).get(_LAYOUT_METADATA_KEY)
+        if stored:
+            return PagesLayout.from_dict(stored)
+        vectors = config.params.vectors
+        if isinstance(vectors, qm.VectorParams) and vectors.multivector_config is not None:
+            # Made by another tool with the plain layout.
+            return PagesLayout(
+                dim=vectors.size,
+                float16=vectors.datatype == qm.Datatype.FLOAT16,
+                pooling_factor=0,
+                prefetch_vector=False,
+            )
+        return None
+
+    def _current_layout(self) -> PagesLayout:
+        if self._layout is None:
+            if not self._exists(self._pages):
+                raise RuntimeError("pages collection does not exist yet: call ensure_collections() first")
+            self._layout = self._layout_of_existing()
+            if self._layout is None:
+                raise RuntimeError(f"collection {self._pages!r} is not a page multivector collection")
+        return self._layout
+
+    # -- pages -------------------------------------------------------------------------------
+
+    def upsert_pages(self, points: Sequence[PagePoint]) -> None:
+        if not points:
+            return
+        layout = self._current_layout()
+        check_page_dims(points, layout.dim)
+        for batch in _batches_under_budget(points, layout):
+            self._client.upsert(self._pages, points=[_server_point(p, layout) for p in batch], wait=True)
+
+    def delete_document(self, document_id: str, below_version: int | None = None) -> None:
+        if not self._exists(self._pages):
+            return
+        self._client.delete(
+            self._pages,
+            points_selector=qm.FilterSelector(filter=_document_filter(document_id, below_version)),
+            wait=True,
+        )
+
+    def page_payloads(self, document_id: str | None = None) -> list[dict[str, Any]]:
+        if not self._exists(self._pages):
+            return []
+        filter_ = _document_filter(document_id) if document_id is not None else None
+        return [dict(record.payload or {}) for record in self._scroll(self._pages, filter_)]
+
+    def count_pages(self, document_id: str | None = None) -> int:
+        if not self._exists(self._pages):
+            return 0
+        filter_ = _document_filter(document_id) if document_id is not None else None
+        return int(self._client.count(self._pages, count_filter=filter_, exact=True).count)
+
+    def search(
+        self, query: np.ndarray, limit: int = 10, document_id: str | None = None
+    ) -> list[tuple[float, dict[str, Any]]]:
+        if limit <= 0 or not self._exists(self._pages):
+            return []
+        layout = self._current_layout()
+        vectors = check_query(query, layout.dim).tolist()
+        filter_ = _document_filter(document_id) if document_id is not None else None
+        if self._settings.mean_pooled_prefetch and layout.named:
+            candidates = max(limit * PREFETCH_CANDIDATES_PER_RESULT, PREFETCH_MIN_CANDIDATES)
+            response = self._client.query_points(
+                self._pages,
+                prefetch=qm.Prefetch(query=vectors, using=POOLED_VECTOR, limit=candidates, filter=filter_),
+                query=vectors,
+                using=ORIGINAL_VECTOR,
+                query_filter=filter_,
+                limit=limit,
+                with_payload=True,
+            )
+        else:
+            response = self._client.query_points(
+                self._pages,
+                query=vectors,
+                using=ORIGINAL_VECTOR if layout.named else None,
+                query_filter=filter_,
+                limit=limit,
+                with_payload=True,
+            )
+        return [(float(hit.score), dict(hit.payload or {})) for hit in response.points]
+
+    # -- records -----------------------------------------------------------------------------
+
+    def get_records(self, document_ids: Sequence[str]) -> dict[str, DocumentRecord]:
+        if not document_ids or not self._exists(self._records):
+            return {}
+        found = self._client.retrieve(
+            self._records,
+            ids=[record_point_id(doc) for doc in dict.fromkeys(document_ids)],
+            with_payload=True,
+            with_vectors=False,
+        )
+        records = (record_from_payload(dict(hit.payload or {})) for hit in found)
+        return {record.document_id: record for record in records}
+
+    def put_records(self, records: Sequence[DocumentRecord]) -> None:
+        if not records:
+            return
+        if not self._exists(self._records):
+            self._create_quietly(self._records, vectors_config={})
+        self._client.upsert(
+            self._records,
+            points=[
+                qm.PointStruct(
+                    id=record_point_id(record.document_id), vector={}, payload=record.model_dump(mode="json")
+                )
+                for record in records
+            ],
+            wait=True,
+        )
+
+    def list_records(self) -> list[DocumentRecord]:
+        if not self._exists(self._records):
+            return []
+        return [record_from_payload(dict(hit.payload or {})) for hit in self._scroll(self._records, None)]
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        exists = self._exists(self._pages)
+        return {
+            "collection_name": self._pages,
+            "total_vectors": self.count_pages() if exists else 0,
+            "vector_dimension": self._current_layout().dim if exists else None,
+            "distance_metric": "COSINE",
+            "backend": self.backend,
+        }
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> QdrantServerVectorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _scroll(self, collection: str, filter_: qm.Filter | None) -> Iterator[qm.Record]:
+        offset: Any = None
+        while True:
+            records, offset = self._client.scroll(
+                collection,
+                scroll_filter=filter_,
+                limit=_SCROLL_PAGE,
+                offset=offset,
+                with_payload=True,
+                with_vectors=False,
+            )
+            yield from records
+            if offset is None:
+                return
+
+
+def _pages_vectors_config(layout: PagesLayout) -> qm.VectorParams | dict[str, qm.VectorParams]:
+    def multivector(graph: bool) -> qm.VectorParams:
+        return qm.VectorParams(
+            size=layout.dim,
+            distance=qm.Distance.COSINE,
+            multivector_config=qm.MultiVectorConfig(comparator=qm.MultiVectorComparator.MAX_SIM),
+            datatype=qm.Datatype.FLOAT16 if layout.float16 else qm.Datatype.FLOAT32,
+            on_disk=layout.float16 or None,
+            # m=0: the full multivector is only ever scanned or used to rerank; a graph
+            # over ~700 vectors per page costs far more to build than it saves.
+            hnsw_config=None if graph else qm.HnswConfigDiff(m=0),
+        )
+
+    if not layout.named:
+        return multivector(graph=False)
+    # The pooled vector is the first stage: on a server it gets the default HNSW graph.
+    return {ORIGINAL_VECTOR: multivector(graph=False), POOLED_VECTOR: multivector(graph=True)}
+
+
+def _server_point(point: PagePoint, layout: PagesLayout) -> qm.PointStruct:
+    stored = layout.stored_vectors(point.vectors)
+    vector: Any
+    if isinstance(stored, dict):
+        vector = {name: array.astype(np.float32).tolist() for name, array in stored.items()}
+    else:
+        vector = stored.astype(np.float32).tolist()
+    return qm.PointStruct(id=point.point_id, vector=vector, payload=point.payload())
+
+
+def _estimated_request_bytes(point: PagePoint, layout: PagesLayout) -> int:
+    floats = point.vectors.size
+    if layout.named:
+        floats += -(-point.vectors.shape[0] // layout.pooling_factor) * layout.dim
+    return floats * _BYTES_PER_FLOAT_JSON + _BYTES_PER_POINT_OVERHEAD
+
+
+def _batches_under_budget(points: Sequence[PagePoint], layout: PagesLayout) -> Iterator[list[PagePoint]]:
+    batch: list[PagePoint] = []
+    used = 0
+    for point in points:
+        size = _estimated_request_bytes(point, layout)
+        if batch and used + size > _REQUEST_BUDGET_BYTES:
+            yield batch
+            batch, used = [], 0
+        batch.append(point)
+        used += size
+    if batch:
+        yield batch
+
+
+def _document_filter(document_id: str, below_version: int | None = None) -> qm.Filter:
+    conditions: list[qm.Condition] = [
+        qm.FieldCondition(key="document_id", match=qm.MatchValue(value=document_id))
+    ]
+    if below_version is not None:
+        conditions.append(qm.FieldCondition(key="version", range=qm.Range(lt=below_version)))
+    return qm.Filter(must=conditions)
