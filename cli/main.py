@@ -229,7 +229,7 @@ def print_documents(rows: list[dict[str, Any]], as_json: bool) -> None:
     print(f"{'document_id':<32} {'filename':<28} {'pages':>5} {'indexed':>7} {'dim':>4}  state")
     for r in rows:
         print(f"{r['document_id']:<32} {str(r['filename'])[:28]:<28} {r['total_pages']:>5} "
-              f"{r.get('indexed_pages', ''):>7} {str(r['embedding_dimension']):>4}  {r.get('state', '')}")
+              f"{r.get('indexed_pages', ''):>7} {r['embedding_dimension']!s:>4}  {r.get('state', '')}")
     print(f"{len(rows)} documents")
 
 

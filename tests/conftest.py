@@ -74,7 +74,9 @@ def tiny_colpali(model_cache: Path) -> Path:
     return ensure_tiny_checkpoint("colpali", model_cache)
 
 
-def make_settings(tmp_path: Path, bootstrap: str, model_path: Path | None = None, **topic_overrides: int) -> ColstreamSettings:
+def make_settings(
+    tmp_path: Path, bootstrap: str, model_path: Path | None = None, **topic_overrides: int
+) -> ColstreamSettings:
     """Settings with a random topic set and consumer groups: tests never see each other's records."""
     run = uuid.uuid4().hex[:8]
     settings = ColstreamSettings()

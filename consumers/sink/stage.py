@@ -12,16 +12,43 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 
+import numpy as np
+
 from colstream.consumers.sink.core import SinkCore, VectorsMessage
 from colstream.infra.kafka import OutRecord
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_runner import Emit, RawRecord, StageRunner, dead_letter
 from colstream.infra.vectorstore import VectorStore, open_vector_store
-from colstream.schemas import InvalidRecord, decode_vectors, encode
+from colstream.schemas import InvalidRecord, PageFailed, PageVectors, decode_vectors, encode
 
 log = logging.getLogger(__name__)
 
 STAGE = "sink"
+
+
+class InvalidVectors(InvalidRecord):
+    def __init__(self, message: PageVectors, reason: str) -> None:
+        super().__init__("InvalidVectors", reason)
+        self.message = message
+
+    def as_page_failed(self) -> PageFailed:
+        m = self.message
+        return PageFailed(document=m.document, page_number=m.page_number, total_pages=m.total_pages,
+                          stage=STAGE, error_type=self.error_type, message=str(self))
+
+
+def check_vectors(message: PageVectors, dim: int) -> None:
+    """Qdrant must never see a NaN or a wrong-sized vector; such a page is dead-lettered."""
+    try:
+        array = message.to_array()
+    except ValueError as exc:
+        raise InvalidVectors(message, f"vectors do not decode to {message.num_tokens}x{message.dim}: {exc}") from exc
+    if message.dim != dim:
+        raise InvalidVectors(message, f"vectors have dimension {message.dim}, the collection holds {dim}")
+    if not np.isfinite(array).all():
+        raise InvalidVectors(message, "vectors contain NaN or inf")
+    if message.page_number > message.total_pages:
+        raise InvalidVectors(message, f"page {message.page_number} of {message.total_pages}")
 
 
 class SinkHandler:
@@ -32,6 +59,7 @@ class SinkHandler:
         self.topics = settings.topics
         self.store = store
         self.core = SinkCore(store)
+        self.dim = 128
         self.write_attempts = write_attempts
 
     def submit(self, records: Sequence[RawRecord], emit: Emit) -> Future[list[OutRecord]]:
@@ -47,9 +75,21 @@ class SinkHandler:
         messages: list[VectorsMessage] = []
         for record in records:
             try:
-                messages.append(decode_vectors(record.value))
+                message = decode_vectors(record.value)
+                if isinstance(message, PageVectors):
+                    check_vectors(message, self.dim)
+            except InvalidVectors as exc:
+                ref = exc.message.document
+                outputs.append(dead_letter(STAGE, self.topics.dlq, record, exc.error_type, str(exc),
+                                           document_id=ref.document_id, version=ref.version,
+                                           page_number=exc.message.page_number))
+                # The page still settles (as failed), so its document can complete.
+                messages.append(exc.as_page_failed())
+                continue
             except InvalidRecord as exc:
                 outputs.append(dead_letter(STAGE, self.topics.dlq, record, exc.error_type, str(exc)))
+                continue
+            messages.append(message)
         if messages:
             outcome = self._apply_with_retry(messages)
             outputs.extend(
