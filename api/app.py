@@ -1,0 +1,613 @@
+"""The REST API: producers and read models around the Kafka pipeline.
+
+Writes never touch Qdrant: ``/ingest/*`` stores the upload in blob storage and
+publishes an :class:`UploadEvent`; ``DELETE /document/{id}`` publishes a
+tombstone. The offset Kafka assigns is the document's version, and a request
+that asks to wait watches the sink's per-document record until it reaches that
+version. Reads (``/documents``, ``/stats``, ``/search``) come from the vector
+store; ``/embed*`` runs the model in this process, loaded on first use.
+
+Run it with ``uvicorn --factory colstream.api.app:app_from_env`` or through the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from colstream.api.content import (
+    RejectedInput,
+    blob_safe_name,
+    check_image_file,
+    check_pdf_file,
+    clean_filename,
+    decode_base64_image,
+)
+from colstream.api.deps import (
+    BlobWriterLike,
+    EmbedderLike,
+    Lazy,
+    LazyProxy,
+    PublisherLike,
+    RecordStoreLike,
+    model_label,
+)
+from colstream.api.models import (
+    AcceptedResponse,
+    DeleteResponse,
+    DocumentDetail,
+    DocumentSummary,
+    EmbedBatchRequest,
+    EmbedBatchResponse,
+    EmbedQueryRequest,
+    EmbedRequest,
+    EmbedResponse,
+    ErrorResponse,
+    HealthResponse,
+    IngestResponse,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
+    StatsResponse,
+)
+from colstream.api.progress import (
+    UploadKind,
+    delete_applied,
+    detail,
+    ingest_outcome,
+    summary,
+    upload_finished,
+)
+from colstream.infra.settings import ColstreamSettings, ModelSettings
+from colstream.schemas.events import DocumentRecord, UploadEvent, _check_document_id, utcnow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INGEST_TIMEOUT_S = 120.0
+DEFAULT_DELETE_TIMEOUT_S = 60.0
+MAX_WAIT_S = 3600.0
+SPOOL_CHUNK_BYTES = 1024 * 1024
+
+T = TypeVar("T")
+
+ModelLoader = Callable[[ModelSettings], EmbedderLike]
+StageStats = Callable[[], dict[str, Any]]
+KafkaProbe = Callable[[], bool]
+
+
+# ----------------------------------------------------------------------------- context
+
+
+@dataclass
+class ApiContext:
+    settings: ColstreamSettings
+    store: Lazy[RecordStoreLike]
+    publisher: Lazy[PublisherLike]
+    blob_store: Lazy[BlobWriterLike]
+    model: Lazy[EmbedderLike]
+    stage_stats: StageStats | None
+    kafka_probe: KafkaProbe
+    poll_interval_s: float
+    # One inference at a time: concurrent forwards only fight over the same cores / GPU memory.
+    # A thread lock, taken inside the worker thread, works whatever event loop serves the request.
+    model_lock: threading.Lock
+
+    async def run_model(self, call: Callable[..., T], *args: Any) -> T:
+        def locked() -> T:
+            with self.model_lock:
+                return call(*args)
+
+        return await run_in_threadpool(locked)
+
+    async def call_store(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            store = await run_in_threadpool(self.store.get)
+            return await run_in_threadpool(getattr(store, method), *args, **kwargs)
+        except HTTPException:
+            raise
+        except Exception as exc:
+            log.exception("vector store %s failed", method)
+            raise HTTPException(503, f"vector store unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def read_record(self, document_id: str) -> DocumentRecord | None:
+        records: dict[str, DocumentRecord] = await self.call_store("get_records", [document_id])
+        return records.get(document_id)
+
+    async def get_model(self) -> EmbedderLike:
+        try:
+            return await run_in_threadpool(self.model.get)
+        except Exception as exc:
+            log.exception("model load failed")
+            raise HTTPException(503, f"embedding model unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def publish(self, action: Callable[[PublisherLike], Any]) -> Any:
+        try:
+            publisher = await run_in_threadpool(self.publisher.get)
+            return await run_in_threadpool(action, publisher)
+        except Exception as exc:
+            log.exception("publishing to Kafka failed")
+            raise HTTPException(503, f"could not publish to Kafka: {type(exc).__name__}: {exc}") from exc
+
+    async def wait_for(
+        self, document_id: str, done: Callable[[DocumentRecord | None], bool], timeout_s: float
+    ) -> tuple[bool, DocumentRecord | None]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            record = await self.read_record(document_id)
+            if done(record):
+                return True, record
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False, record
+            await asyncio.sleep(min(self.poll_interval_s, remaining))
+
+
+def _default_store(settings: ColstreamSettings) -> RecordStoreLike:
+    from colstream.infra.vectorstore import open_vector_store
+
+    return open_vector_store(settings.qdrant)
+
+
+def _default_publisher(settings: ColstreamSettings) -> PublisherLike:
+    from colstream.producers.publisher import UploadPublisher
+
+    return UploadPublisher(settings)
+
+
+def _default_blob_store(settings: ColstreamSettings) -> BlobWriterLike:
+    from colstream.infra.blobstore import open_blob_store
+
+    return open_blob_store(settings)
+
+
+def _default_model_loader(model_settings: ModelSettings) -> EmbedderLike:
+    from colstream.embedding.model import load_model
+
+    return load_model(model_settings)
+
+
+def _default_kafka_probe(publisher: Lazy[PublisherLike]) -> KafkaProbe:
+    def probe() -> bool:
+        try:
+            instance: Any = publisher.get()
+            ping = getattr(instance, "ping", None)
+            if callable(ping):
+                return bool(ping())
+            # UploadPublisher -> ProducerClient -> confluent Producer: a metadata round trip.
+            instance.producer.producer.list_topics(timeout=2.0)
+            return True
+        except Exception:
+            return False
+
+    return probe
+
+
+# ----------------------------------------------------------------------------- app
+
+
+def create_app(
+    settings: ColstreamSettings,
+    *,
+    store: RecordStoreLike | None = None,
+    publisher: PublisherLike | None = None,
+    model_loader: ModelLoader | None = None,
+    stage_stats: StageStats | None = None,
+    blob_store: BlobWriterLike | None = None,
+    kafka_probe: KafkaProbe | None = None,
+    poll_interval_s: float = 0.25,
+    mount_eventgrid: bool = True,
+) -> FastAPI:
+    """Build the API. Every dependency not passed in is opened from ``settings`` on first use."""
+    loader = model_loader or _default_model_loader
+    publisher_lazy: Lazy[PublisherLike] = Lazy(lambda: _default_publisher(settings), given=publisher)
+    ctx = ApiContext(
+        settings=settings,
+        store=Lazy(lambda: _default_store(settings), given=store),
+        publisher=publisher_lazy,
+        blob_store=Lazy(lambda: _default_blob_store(settings), given=blob_store),
+        model=Lazy(lambda: loader(settings.model)),
+        stage_stats=stage_stats,
+        kafka_probe=kafka_probe or _default_kafka_probe(publisher_lazy),
+        poll_interval_s=poll_interval_s,
+        model_lock=threading.Lock(),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for holder in (ctx.publisher, ctx.store, ctx.blob_store, ctx.model):
+            try:
+                holder.close()  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("closing %s failed", holder)
+
+    app = FastAPI(
+        title="colstream",
+        version="0.1.0",
+        description=(
+            "Document embedding API on a Kafka pipeline: uploads and deletes are published to "
+            f"`{settings.topics.uploads}`; reads come from the sink's records in Qdrant."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.colstream = ctx
+
+    @app.exception_handler(RejectedInput)
+    async def _rejected(_: Request, exc: RejectedInput) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
+
+    app.include_router(_health_router(ctx))
+    app.include_router(_documents_router(ctx))
+    app.include_router(_ingest_router(ctx))
+    app.include_router(_embedding_router(ctx))
+    if mount_eventgrid:
+        _mount_eventgrid(app, settings, ctx)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    from colstream.infra.settings import get_settings
+
+    return create_app(get_settings())
+
+
+def _mount_eventgrid(app: FastAPI, settings: ColstreamSettings, ctx: ApiContext) -> None:
+    try:
+        from colstream.producers.eventgrid import build_eventgrid_router
+    except ModuleNotFoundError as exc:
+        if exc.name != "colstream.producers.eventgrid":
+            raise
+        log.info("Event Grid webhook not available in this build")
+        return
+    app.include_router(build_eventgrid_router(settings, LazyProxy(ctx.publisher)))
+
+
+def _validated_document_id(document_id: str) -> str:
+    try:
+        return _check_document_id(document_id)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 415, 422, 503)
+}
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def _health_router(ctx: ApiContext) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    def qdrant_reachable() -> bool:
+        try:
+            ctx.store.get().count_pages()
+            return True
+        except Exception:
+            return False
+
+    @router.get("/health", response_model=HealthResponse)
+    async def health() -> HealthResponse:
+        kafka_ok, qdrant_ok = await asyncio.gather(
+            run_in_threadpool(ctx.kafka_probe), run_in_threadpool(qdrant_reachable)
+        )
+        model = ctx.model.peek()
+        stages = await run_in_threadpool(ctx.stage_stats) if ctx.stage_stats else None
+        return HealthResponse(
+            status="healthy" if kafka_ok and qdrant_ok else "degraded",
+            kafka_connected=kafka_ok,
+            qdrant_connected=qdrant_ok,
+            model_loaded=model is not None,
+            # Until the model loads this is what was asked for ("auto" included).
+            device=str(model.device) if model is not None else ctx.settings.model.device,
+            model=model_label(model) if model is not None else None,
+            stages=stages,
+        )
+
+    return router
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def _documents_router(ctx: ApiContext) -> APIRouter:
+    router = APIRouter(tags=["documents"], responses=_ERRORS)
+
+    @router.get("/documents", response_model=list[DocumentSummary])
+    async def list_documents() -> list[DocumentSummary]:
+        records: list[DocumentRecord] = await ctx.call_store("list_records")
+        live = [record for record in records if record.state != "deleted"]
+        return [summary(record) for record in sorted(live, key=lambda r: r.document_id)]
+
+    # `:path` because document ids may contain '/' (e.g. "{container}/{blob}" from Event Grid).
+    @router.get("/documents/{document_id:path}", response_model=DocumentDetail)
+    async def get_document(document_id: str) -> DocumentDetail:
+        record = await ctx.read_record(document_id)
+        if record is None:
+            raise HTTPException(404, f"document {document_id!r} not found")
+        if record.state == "deleted":
+            raise HTTPException(404, f"document {document_id!r} was deleted (version {record.version})")
+        return detail(record)
+
+    @router.delete(
+        "/document/{document_id:path}",
+        response_model=DeleteResponse,
+        responses={202: {"model": DeleteResponse}},
+    )
+    async def delete_document(
+        document_id: str,
+        wait: bool = Query(False, description="Wait until the sink has removed the pages."),
+        timeout_s: float = Query(DEFAULT_DELETE_TIMEOUT_S, ge=0, le=MAX_WAIT_S),
+    ) -> JSONResponse:
+        document_id = _validated_document_id(document_id)
+        published = await ctx.publish(lambda publisher: publisher.publish_delete(document_id))
+        version: int | None = getattr(published, "offset", None)
+        applied = False
+        if wait:
+            applied, _ = await ctx.wait_for(document_id, lambda record: delete_applied(record, version), timeout_s)
+        body = DeleteResponse(
+            message=f"Document {document_id} deleted successfully",
+            status="deleted" if applied else "accepted",
+            document_id=document_id,
+            version=version,
+        )
+        if wait and not applied:
+            body.message = f"Delete of document {document_id} accepted; not applied within {timeout_s:g}s"
+        return JSONResponse(status_code=200 if applied else 202, content=body.model_dump(mode="json"))
+
+    @router.get("/stats", response_model=StatsResponse)
+    async def stats() -> StatsResponse:
+        raw: dict[str, Any] = await ctx.call_store("stats")
+        return StatsResponse(
+            collection_name=raw.get("collection_name") or ctx.settings.qdrant.collection,
+            total_vectors=int(raw.get("total_vectors") or 0),
+            vector_dimension=raw.get("vector_dimension"),
+            distance_metric=str(raw.get("distance_metric") or "COSINE"),
+            backend=raw.get("backend"),
+        )
+
+    return router
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+async def _spool_upload(upload: UploadFile, max_bytes: int, directory: Path | None) -> Path:
+    """Copy the request body to a temp file, refusing it as soon as it passes the limit."""
+    fd, name = tempfile.mkstemp(prefix="colstream-upload-", dir=directory)
+    path = Path(name)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            while chunk := await upload.read(SPOOL_CHUNK_BYTES):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise RejectedInput(413, f"upload is larger than the {max_bytes}-byte limit")
+                sink.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _ingest_router(ctx: ApiContext) -> APIRouter:
+    router = APIRouter(tags=["ingest"], responses=_ERRORS)
+    limits = ctx.settings.limits
+
+    async def ingest(
+        kind: UploadKind,
+        upload: UploadFile,
+        document_id: str | None,
+        wait: bool,
+        timeout_s: float,
+    ) -> JSONResponse:
+        document_id = _validated_document_id(document_id) if document_id else str(uuid.uuid4())
+        fallback = "upload.pdf" if kind == "pdf" else "upload.img"
+        filename = clean_filename(upload.filename, fallback)
+
+        spooled = await _spool_upload(upload, limits.max_blob_bytes, ctx.settings.blob.download_dir)
+        try:
+            if kind == "pdf":
+                content_type = await run_in_threadpool(check_pdf_file, spooled)
+            else:
+                content_type = await run_in_threadpool(check_image_file, spooled, limits.max_image_pixels)
+            # A fresh name per upload keeps every version's blob immutable: an older
+            # version still in the pipeline never reads a newer upload's bytes.
+            blob_name = f"uploads/{document_id}/{uuid.uuid4().hex}/{blob_safe_name(filename, fallback)}"
+            try:
+                blobs = await run_in_threadpool(ctx.blob_store.get)
+                blob_uri = await run_in_threadpool(blobs.put_file, spooled, blob_name, content_type)
+            except Exception as exc:
+                raise _blob_http_error(exc) from exc
+        finally:
+            spooled.unlink(missing_ok=True)
+
+        try:
+            event = UploadEvent(
+                document_id=document_id, blob_uri=blob_uri, filename=filename, content_type=content_type
+            )
+        except ValidationError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        published_at = utcnow()
+        try:
+            published = await ctx.publish(lambda publisher: publisher.publish_upload(event))
+        except HTTPException:
+            await run_in_threadpool(_forget_blob, ctx, blob_uri)
+            raise
+        version: int | None = getattr(published, "offset", None)
+
+        if not wait:
+            accepted = AcceptedResponse(document_id=document_id, version=version, filename=filename)
+            return JSONResponse(status_code=202, content=accepted.model_dump(mode="json"))
+        finished, record = await ctx.wait_for(
+            document_id, lambda rec: upload_finished(rec, version, published_at), timeout_s
+        )
+        if not finished or record is None:
+            reached_version = record is not None and (version is None or record.version >= version)
+            current = record.state if record is not None and reached_version else None
+            accepted = AcceptedResponse(
+                document_id=document_id,
+                version=version,
+                filename=filename,
+                state=current,
+                message=(
+                    f"still processing after {timeout_s:g}s; poll GET /documents/{document_id} "
+                    f"until its version is >= {version} and its state is settled"
+                ),
+            )
+            return JSONResponse(status_code=202, content=accepted.model_dump(mode="json"))
+        status, body = ingest_outcome(record, version, kind, filename)
+        return JSONResponse(status_code=status, content=body.model_dump(mode="json"))
+
+    wait_query = Query(True, description="Wait until the pipeline has indexed (or failed) the document.")
+    timeout_query = Query(DEFAULT_INGEST_TIMEOUT_S, ge=0, le=MAX_WAIT_S)
+    document_id_form = Form(None, description="Stable id; a UUID4 is generated when absent.")
+    ingest_responses: dict[int | str, dict[str, Any]] = {202: {"model": AcceptedResponse}}
+
+    @router.post("/ingest/pdf", response_model=IngestResponse, responses=ingest_responses)
+    async def ingest_pdf(
+        file: UploadFile = File(..., description="A PDF file."),
+        document_id: str | None = document_id_form,
+        wait: bool = wait_query,
+        timeout_s: float = timeout_query,
+    ) -> JSONResponse:
+        return await ingest("pdf", file, document_id, wait, timeout_s)
+
+    @router.post("/ingest/image", response_model=IngestResponse, responses=ingest_responses)
+    async def ingest_image(
+        file: UploadFile = File(..., description="PNG, JPEG, BMP, TIFF, WEBP or GIF."),
+        document_id: str | None = document_id_form,
+        wait: bool = wait_query,
+        timeout_s: float = timeout_query,
+    ) -> JSONResponse:
+        return await ingest("image", file, document_id, wait, timeout_s)
+
+    return router
+
+
+def _blob_http_error(exc: Exception) -> HTTPException:
+    error_type = getattr(exc, "error_type", None)
+    if error_type == "BlobNotAllowed":
+        return HTTPException(400, f"cannot store the upload: {exc}")
+    if error_type == "BlobTooLarge":
+        return HTTPException(413, f"cannot store the upload: {exc}")
+    log.exception("storing an upload failed")
+    return HTTPException(503, f"blob storage unavailable: {type(exc).__name__}: {exc}")
+
+
+def _forget_blob(ctx: ApiContext, uri: str) -> None:
+    # Nothing will ever reference a blob whose event was not published.
+    try:
+        ctx.blob_store.get().delete(uri)
+    except Exception:
+        log.warning("could not remove orphaned upload %s", uri, exc_info=True)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def _real_token_rows(vectors: np.ndarray) -> np.ndarray:
+    # The model already drops padding; a non-finite row could still not be sent as JSON.
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.ndim == 1:
+        array = array.reshape(1, -1)
+    return array[np.isfinite(array).all(axis=1)]
+
+
+def _embedding_router(ctx: ApiContext) -> APIRouter:
+    router = APIRouter(tags=["embeddings"], responses=_ERRORS)
+    limits = ctx.settings.limits
+
+    async def embed_images(images: list[Any]) -> tuple[EmbedderLike, list[np.ndarray]]:
+        model = await ctx.get_model()
+        vectors = await ctx.run_model(model.embed_images, images)
+        return model, [_real_token_rows(v) for v in vectors]
+
+    def decode(data: str, what: str) -> Any:
+        return decode_base64_image(data, max_bytes=limits.max_blob_bytes, max_pixels=limits.max_image_pixels, what=what)
+
+    @router.post("/embed", response_model=EmbedResponse)
+    async def embed(request: EmbedRequest) -> EmbedResponse:
+        image = await run_in_threadpool(decode, request.image, "image")
+        model, (vectors,) = await embed_images([image])
+        return EmbedResponse(
+            embedding=vectors.tolist(),
+            dim=int(vectors.shape[1]) if vectors.size else model.dim,
+            num_tokens=int(vectors.shape[0]),
+            model=model_label(model),
+        )
+
+    @router.post("/embed_batch", response_model=EmbedBatchResponse)
+    async def embed_batch(request: EmbedBatchRequest) -> EmbedBatchResponse:
+        images = [
+            await run_in_threadpool(decode, data, f"images[{index}]") for index, data in enumerate(request.images)
+        ]
+        model, vectors = await embed_images(images)
+        return EmbedBatchResponse(
+            embeddings=[v.tolist() for v in vectors],
+            count=len(vectors),
+            dim=model.dim,
+            num_tokens=[int(v.shape[0]) for v in vectors],
+            model=model_label(model),
+        )
+
+    async def embed_query(text: str) -> tuple[EmbedderLike, np.ndarray]:
+        if not text.strip():
+            raise HTTPException(400, "query text is empty")
+        model = await ctx.get_model()
+        (vectors,) = await ctx.run_model(model.embed_queries, [text])
+        return model, _real_token_rows(vectors)
+
+    @router.post("/embed/query", response_model=EmbedResponse)
+    async def embed_query_route(request: EmbedQueryRequest) -> EmbedResponse:
+        model, vectors = await embed_query(request.text)
+        return EmbedResponse(
+            embedding=vectors.tolist(),
+            dim=int(vectors.shape[1]) if vectors.size else model.dim,
+            num_tokens=int(vectors.shape[0]),
+            model=model_label(model),
+        )
+
+    @router.post("/search", response_model=SearchResponse, tags=["search"])
+    async def search(request: SearchRequest) -> SearchResponse:
+        if request.document_id is not None:
+            _validated_document_id(request.document_id)
+        model, vectors = await embed_query(request.query)
+        try:
+            store = await run_in_threadpool(ctx.store.get)
+            results = await run_in_threadpool(store.search, vectors, request.limit, request.document_id)
+        except ValueError as exc:
+            # InvalidVectorsError: the collection was built by another model (dim mismatch).
+            raise HTTPException(409, f"cannot search with {model_label(model)}: {exc}") from exc
+        except Exception as exc:
+            log.exception("search failed")
+            raise HTTPException(503, f"vector store unavailable: {type(exc).__name__}: {exc}") from exc
+        hits = [
+            SearchHit(
+                score=float(score),
+                document_id=payload.get("document_id"),
+                page_number=payload.get("page_number"),
+                payload=payload,
+            )
+            for score, payload in results
+        ]
+        return SearchResponse(query=request.query, hits=hits, model=model_label(model))
+
+    return router
