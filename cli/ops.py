@@ -8,8 +8,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, ConsumerGroupTopicPartitions
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from colstream.cli.runtime import resolve_broker
 from colstream.infra.kafka import OutRecord, ProducerClient

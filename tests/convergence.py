@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import TopicPartition
-from confluent_kafka.admin import AdminClient, ConsumerGroupTopicPartitions
+from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from colstream.infra.settings import ColstreamSettings
 from colstream.producers.publisher import UploadPublisher
@@ -129,8 +129,8 @@ def publish_random_operations(
     publisher.producer.flush_or_raise()
 
 
-def group_lag(settings: ColstreamSettings) -> dict[str, int]:
-    """Records not yet committed by each stage's consumer group."""
+def group_lag(settings: ColstreamSettings, committed_out: dict[str, int] | None = None) -> dict[str, int]:
+    """Records not yet committed by each stage's consumer group (and, optionally, how many were)."""
     from confluent_kafka import Consumer
 
     admin = AdminClient(settings.kafka.common_config())
@@ -143,15 +143,30 @@ def group_lag(settings: ColstreamSettings) -> dict[str, int]:
             partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
             request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])
             committed = admin.list_consumer_group_offsets([request])[group].result(timeout=10)
-            lag = 0
+            lag = done = 0
             for tp in committed.topic_partitions:
                 low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
                 position = tp.offset if tp.offset >= 0 else low
                 lag += max(0, high - position)
+                done += max(0, position - low)
             lags[stage] = lag
+            if committed_out is not None:
+                committed_out[stage] = done
     finally:
         consumer.close()
     return lags
+
+
+def wait_all_committing(settings: ColstreamSettings, timeout_s: float) -> None:
+    """Until every stage has committed something: they are up, in their groups, and working."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done: dict[str, int] = {}
+        group_lag(settings, done)
+        if len(done) == 3 and all(v > 0 for v in done.values()):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"stages did not start committing within {timeout_s:.0f}s")
 
 
 def wait_drained(settings: ColstreamSettings, timeout_s: float, stable_s: float = 3.0) -> dict[str, int]:

@@ -25,6 +25,7 @@ from tests.convergence import (
     compare,
     keep_failing_seed,
     publish_random_operations,
+    wait_all_committing,
     wait_drained,
     wipe,
     write_report,
@@ -307,8 +308,11 @@ def test_sigterm_exits_within_the_bound_and_nothing_is_lost(pipeline_settings: C
     procs = _start_all(settings, tmp_path)
     exits: dict[str, float] = {}
     try:
-        publish_random_operations(publisher, factory, model, rng, 30, [f"g-{i}" for i in range(10)], max_pages=4)
-        time.sleep(1.5)
+        doc_ids = [f"g-{i}" for i in range(10)]
+        publish_random_operations(publisher, factory, model, rng, 20, doc_ids, max_pages=4)
+        wait_all_committing(settings, timeout_s=120)
+        publish_random_operations(publisher, factory, model, rng, 40, doc_ids, max_pages=4)
+        time.sleep(0.3)
         for stage in STAGES:  # mid-run, with batches in flight
             exits[stage] = procs[stage].terminate()
             procs[stage] = StageProcess(stage, settings, tmp_path).start()
