@@ -227,6 +227,24 @@ def fit_size(width: float, height: float, target: RenderTargetLike, *, upscale: 
     return out_w, out_h
 
 
+# Vision processors refuse extreme strips (Qwen2-VL: aspect ratio below 200), so a
+# banner or a receipt roll is centred on a white canvas no narrower than 1:100.
+MAX_ASPECT_RATIO = 100
+
+
+def pad_extreme_aspect(image: Image.Image, max_ratio: int = MAX_ASPECT_RATIO) -> Image.Image:
+    w, h = image.size
+    if max(w, h) <= max_ratio * min(w, h):
+        return image
+    if w >= h:
+        canvas_size = (w, -(-w // max_ratio))
+    else:
+        canvas_size = (-(-h // max_ratio), h)
+    canvas = Image.new("RGB", canvas_size, (255, 255, 255))
+    canvas.paste(image, ((canvas_size[0] - w) // 2, (canvas_size[1] - h) // 2))
+    return canvas
+
+
 def encode_jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
@@ -327,6 +345,7 @@ class PdfSession:
                 image = bitmap.to_pil()
                 if image.mode != "RGB":
                     image = image.convert("RGB")
+                image = pad_extreme_aspect(image)
                 data = encode_jpeg(image)
                 width, height = image.size
             finally:
@@ -405,6 +424,7 @@ class ImageSession:
                 rgb = ImageOps.exif_transpose(rgb) or rgb
             if rgb.size != (out_w, out_h):
                 rgb = rgb.resize((out_w, out_h), Image.Resampling.LANCZOS)
+            rgb = pad_extreme_aspect(rgb)
             data = encode_jpeg(rgb)
         except (PageError, DocumentError):
             raise

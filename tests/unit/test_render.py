@@ -380,3 +380,17 @@ def test_inspect_reports_document_errors_from_the_worker(tmp_path: Path, rendere
     with pytest.raises(DocumentError) as refused:
         renderer.inspect(path, "pdf")
     assert refused.value.error_type == "EncryptedDocument"
+
+
+def test_extreme_strips_are_padded_to_an_aspect_ratio_vision_processors_accept() -> None:
+    from PIL import Image
+
+    from colstream.consumers.splitter.render import MAX_ASPECT_RATIO, pad_extreme_aspect
+
+    for size in ((30000, 8), (8, 30000), (500, 5)):
+        padded = pad_extreme_aspect(Image.new("RGB", size, (0, 0, 0)))
+        w, h = padded.size
+        assert max(w, h) <= MAX_ASPECT_RATIO * min(w, h)
+        assert max(w, h) == max(size)  # content kept at full length, only the short side grows
+    ordinary = Image.new("RGB", (600, 800))
+    assert pad_extreme_aspect(ordinary) is ordinary
