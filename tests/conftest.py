@@ -54,6 +54,16 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def azurite() -> Iterator[object]:
+    """Microsoft's Azurite emulator from npm, installed and started for the session."""
+    from colstream.infra.azurite import ensure_azurite
+
+    handle = ensure_azurite(STATE, port=int(os.environ.get("COLSTREAM_AZURITE_PORT", "10000")))
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(scope="session")
 def model_cache() -> Path:
     path = STATE / "models"
     path.mkdir(parents=True, exist_ok=True)

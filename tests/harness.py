@@ -137,10 +137,21 @@ class StageProcess:
 
     def start(self) -> StageProcess:
         log = open(self.log_path, "wb")  # noqa: SIM115
+        env = {**settings_env(self.settings), "COLSTREAM_LOG_LEVEL": "INFO"}
         self.proc = subprocess.Popen([sys.executable, "-m", "colstream", "run", self.stage],
-                                     env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=REPO)
+                                     env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         return self
+
+    def wait_consuming(self, timeout_s: float = 120.0) -> None:
+        """Until the stage has joined its group and holds partitions (its log says so)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ": assigned [" in self.log_tail(200_000):
+                return
+            if not self.alive():
+                raise AssertionError(f"{self.stage} exited:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.stage} did not join its group within {timeout_s:.0f}s")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

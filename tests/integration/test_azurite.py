@@ -9,24 +9,16 @@ from __future__ import annotations
 import io
 import os
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from colstream.infra.azurite import AzuriteHandle, ensure_azurite
+
+from colstream.infra.azurite import AzuriteHandle
 from colstream.infra.blobstore import AzureBlob, BlobError, BlobStore, resolve_blob_uri
-from colstream.infra.settings import BlobSettings, default_state_dir
+from colstream.infra.settings import BlobSettings
 
 pytestmark = pytest.mark.azurite
-
-
-@pytest.fixture(scope="session")
-def azurite() -> Iterator[AzuriteHandle]:
-    port = int(os.environ.get("COLSTREAM_AZURITE_PORT", "10000"))
-    handle = ensure_azurite(default_state_dir(), port=port)
-    yield handle
-    handle.stop()
 
 
 @pytest.fixture

@@ -125,16 +125,15 @@ def test_sigkill_each_stage_twenty_times_loses_nothing(pipeline_settings: Colstr
         doc_ids = [f"crash-{i}" for i in range(12)]
         publish_random_operations(publisher, factory, model, rng, 30, doc_ids, max_pages=4, delete_ratio=0.15)
         rounds = 20
-        for round_no in range(rounds):
+        for _ in range(rounds):
             # keep work flowing so kills land mid-batch, mid-render and mid-write
             publish_random_operations(publisher, factory, model, rng, 6, doc_ids, max_pages=4, delete_ratio=0.2)
             for stage in rng.sample(STAGES, k=3):
-                time.sleep(rng.uniform(0.1, 1.5))
+                procs[stage].wait_consuming()
+                time.sleep(rng.uniform(0.05, 1.5))
                 procs[stage].kill()
                 kills[stage] += 1
                 procs[stage] = StageProcess(stage, settings, tmp_path).start()
-            if round_no % 5 == 4:
-                time.sleep(3)  # let restarted stages rejoin and make progress between storms
         wait_drained(settings, timeout_s=600)
         assert procs["sink"].terminate() < 45
     finally:

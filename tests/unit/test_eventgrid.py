@@ -15,6 +15,9 @@ import json
 from typing import Any
 
 import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
 from colstream.infra.settings import BlobSettings, ColstreamSettings, EventGridSettings
 from colstream.producers.eventgrid import (
     EventGridProcessor,
@@ -24,8 +27,6 @@ from colstream.producers.eventgrid import (
     parse_delivery,
 )
 from colstream.schemas.events import UploadEvent
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
 EG_BLOB_CREATED = json.loads(r"""
 [{

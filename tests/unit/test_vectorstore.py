@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from qdrant_client import QdrantClient
+
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
     InvalidVectorsError,
@@ -21,7 +23,6 @@ from colstream.infra.vectorstore import (
 from colstream.infra.vectorstore_edge import EdgeVectorStore
 from colstream.infra.vectorstore_qdrant import QdrantServerVectorStore
 from colstream.schemas.events import DocumentRecord
-from qdrant_client import QdrantClient
 
 DIM = 16
 TOKENS = 24
