@@ -139,7 +139,7 @@ def serve_api(settings: ColstreamSettings, store: Any = None, stage_stats: Any =
     if block:
         server.run()
         return 0
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # uvicorn leaves signal handling to the main thread when it runs in another one.
     thread = threading.Thread(target=server.run, name="api", daemon=True)
     thread.start()
     return server

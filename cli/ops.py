@@ -67,9 +67,10 @@ def read_topic(settings: ColstreamSettings, topic: str) -> list[tuple[int, int, 
             msg = consumer.poll(2.0)
             if msg is None or msg.error():
                 continue
-            rows.append((msg.partition(), msg.offset(), msg.key(), msg.value()))
-            if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                ends.pop(msg.partition(), None)
+            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
+            rows.append((partition, offset, msg.key(), msg.value()))
+            if offset + 1 >= ends.get(partition, 0):
+                ends.pop(partition, None)
         return rows
     finally:
         consumer.close()

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
 from colstream.infra.settings import QdrantSettings
 from colstream.schemas.events import DocumentRecord
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import qdrant_edge as edge
+
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
     DEFAULT_DIM,

@@ -7,6 +7,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from qdrant_client import QdrantClient
+from qdrant_client import models as qm
+from qdrant_client.http.exceptions import UnexpectedResponse
+
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
     DEFAULT_DIM,
@@ -23,9 +27,6 @@ from colstream.infra.vectorstore import (
     record_point_id,
 )
 from colstream.schemas.events import DocumentRecord
-from qdrant_client import QdrantClient
-from qdrant_client import models as qm
-from qdrant_client.http.exceptions import UnexpectedResponse
 
 log = logging.getLogger(__name__)
 

@@ -80,12 +80,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlsplit
 
-from colstream.infra.blobstore import AzureBlob, BlobError, resolve_blob_uri
-from colstream.infra.settings import BlobSettings, ColstreamSettings, EventGridSettings
-from colstream.schemas.events import DOCUMENT_ID_PATTERN, UploadEvent
 from fastapi import APIRouter, BackgroundTasks, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+
+from colstream.infra.blobstore import AzureBlob, BlobError, resolve_blob_uri
+from colstream.infra.settings import BlobSettings, ColstreamSettings, EventGridSettings
+from colstream.schemas.events import DOCUMENT_ID_PATTERN, UploadEvent
 
 log = logging.getLogger(__name__)
 

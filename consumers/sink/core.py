@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from colstream.infra.vectorstore import PagePoint
 from colstream.schemas import (
@@ -32,7 +32,7 @@ from colstream.schemas import (
 )
 from colstream.schemas.events import utcnow
 
-VectorsMessage = PageVectors | PageFailed | DocumentDeleted | DocumentFailed
+VectorsMessage: TypeAlias = PageVectors | PageFailed | DocumentDeleted | DocumentFailed
 
 
 class PageWriter(Protocol):

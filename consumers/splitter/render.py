@@ -236,10 +236,7 @@ def pad_extreme_aspect(image: Image.Image, max_ratio: int = MAX_ASPECT_RATIO) ->
     w, h = image.size
     if max(w, h) <= max_ratio * min(w, h):
         return image
-    if w >= h:
-        canvas_size = (w, -(-w // max_ratio))
-    else:
-        canvas_size = (-(-h // max_ratio), h)
+    canvas_size = (w, -(-w // max_ratio)) if w >= h else (-(-h // max_ratio), h)
     canvas = Image.new("RGB", canvas_size, (255, 255, 255))
     canvas.paste(image, ((canvas_size[0] - w) // 2, (canvas_size[1] - h) // 2))
     return canvas
