@@ -41,6 +41,9 @@ class KafkaSettings(BaseModel):
     # partitions and keep polling, so it bounds one batch, not one document.
     max_poll_interval_ms: int = 300_000
     session_timeout_ms: int = 45_000
+    # Static membership (KIP-345): a restarted replica with the same id (e.g. a
+    # StatefulSet pod name) takes its partitions back without a group rebalance.
+    group_instance_id: str | None = None
     # The producer's own view of the biggest record it may send; topics are created
     # with a matching max.message.bytes.
     message_max_bytes: int = 4_194_304
@@ -79,7 +82,9 @@ class KafkaSettings(BaseModel):
         }
 
     def consumer_config(self, group_id: str) -> dict[str, Any]:
+        static = {"group.instance.id": self.group_instance_id} if self.group_instance_id else {}
         return {
+            **static,
             **self.common_config(),
             "group.id": group_id,
             "enable.auto.commit": False,

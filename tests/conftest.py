@@ -93,6 +93,8 @@ def make_settings(
     settings.state_dir = tmp_path
     settings.kafka.bootstrap_servers = bootstrap
     settings.kafka.linger_ms = 5
+    # A killed member leaves the group after this; the broker's floor is 6 s.
+    settings.kafka.session_timeout_ms = 6_000
     settings.consumer_group_prefix = f"t{run}-"
     for name in ("uploads", "pages", "vectors", "indexed", "dlq"):
         setattr(settings.topics, name, f"t{run}.documents.{name}")

@@ -129,8 +129,10 @@ def settings_env(settings: ColstreamSettings) -> dict[str, str]:
 class StageProcess:
     """One stage as its own OS process (`colstream run <stage>`), killable at will."""
 
-    def __init__(self, stage: str, settings: ColstreamSettings, log_dir: Path) -> None:
+    def __init__(self, stage: str, settings: ColstreamSettings, log_dir: Path,
+                 instance_id: str | None = None) -> None:
         self.stage = stage
+        self.instance_id = instance_id
         self.settings = settings
         self.log_path = log_dir / f"{stage}-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -138,6 +140,8 @@ class StageProcess:
     def start(self) -> StageProcess:
         log = open(self.log_path, "wb")  # noqa: SIM115
         env = {**settings_env(self.settings), "COLSTREAM_LOG_LEVEL": "INFO"}
+        if self.instance_id:
+            env["COLSTREAM_KAFKA__GROUP_INSTANCE_ID"] = self.instance_id
         self.proc = subprocess.Popen([sys.executable, "-m", "colstream", "run", self.stage],
                                      env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         return self
