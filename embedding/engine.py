@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from colstream.embedding.model import EmbeddingModel, ModelInputs
+from colstream.embedding.model import EmbeddingModel, ImageGrid, ModelInputs
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class EmbedResult:
     vectors: np.ndarray | None  # float16 [real_tokens, dim]
     error: str | None = None
     error_type: str | None = None
+    # Where the image tokens sit in ``vectors`` (for row/column pooling); None if unknown.
+    grid: ImageGrid | None = None
 
     @property
     def ok(self) -> bool:
@@ -120,6 +122,7 @@ class _Forwarded:
     outputs: torch.Tensor  # host tensor once `ready` has fired
     attention_mask: torch.Tensor
     ready: Any = None  # torch.cuda.Event for the device-to-host copy, None on CPU
+    inputs: ModelInputs | None = None  # host inputs, to read each page's image grid from
 
 
 @dataclass
@@ -301,7 +304,7 @@ class PipelinedEmbedder:
     def _to_host(self, batch: _Batch, indices: list[int], outputs: torch.Tensor, part: ModelInputs) -> _Forwarded:
         mask = part.tensors["attention_mask"]
         if not self._on_cuda:
-            return _Forwarded(batch.group, indices, outputs, mask)
+            return _Forwarded(batch.group, indices, outputs, mask, inputs=part)
         # Start the copy now, wait for it on the postprocess thread: the device thread
         # goes straight on to launch the next batch.
         device_half = outputs.to(torch.float16)
@@ -309,7 +312,7 @@ class PipelinedEmbedder:
         host.copy_(device_half, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return _Forwarded(batch.group, indices, host, mask, ready)
+        return _Forwarded(batch.group, indices, host, mask, ready, inputs=part)
 
     # -- stage 3: postprocess ----------------------------------------------------
 
@@ -322,11 +325,12 @@ class PipelinedEmbedder:
                 if item.ready is not None:
                     item.ready.synchronize()
                 vectors = EmbeddingModel.postprocess(item.outputs, item.attention_mask, np.float16)
-                for index, page_vectors in zip(item.indices, vectors, strict=True):
+                grids = self.model.image_grids(item.inputs) if item.inputs is not None else [None] * len(vectors)
+                for index, page_vectors, grid in zip(item.indices, vectors, grids, strict=True):
                     if not np.isfinite(page_vectors).all():
                         item.group.fail_item(index, FloatingPointError("model produced non-finite vectors"))
                     else:
-                        item.group.resolve(index, EmbedResult(item.group.keys[index], page_vectors))
+                        item.group.resolve(index, EmbedResult(item.group.keys[index], page_vectors, grid=grid))
             except BaseException as exc:
                 log.exception("postprocessing failed")
                 item.group.fail(exc)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,20 @@ _DROPPED_INPUT_KEYS = frozenset({"labels"})
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ImageGrid:
+    """Where a page's image tokens sit among its real tokens: ``rows x cols``, row-major, from ``start``.
+
+    The sink needs it to mean-pool rows and columns of the page (issue 5); the
+    positions are those of the real-token array :meth:`EmbeddingModel.postprocess`
+    returns, so padding never shifts them.
+    """
+
+    start: int
+    rows: int
+    cols: int
 
 
 @dataclass
@@ -123,6 +138,37 @@ class EmbeddingModel:
     def _to_inputs(batch: Mapping[str, Any], size: int) -> ModelInputs:
         tensors = {k: v for k, v in batch.items() if k not in _DROPPED_INPUT_KEYS and isinstance(v, torch.Tensor)}
         return ModelInputs(tensors, size)
+
+    def image_grids(self, inputs: ModelInputs) -> list[ImageGrid | None]:
+        """The image patch grid of each page of a processed batch, None where it cannot be told.
+
+        Image tokens are the positions whose id is the processor's image token. ColQwen2
+        reports each image's patch grid before the 2x2 merge (``image_grid_thw``: t, h, w),
+        so the visual tokens form (t*h/merge) x (w/merge); ColPali's are a fixed square.
+        """
+        input_ids = inputs.tensors.get("input_ids")
+        attention_mask = inputs.tensors.get("attention_mask")
+        image_token_id = getattr(self.processor, "image_token_id", None)
+        if input_ids is None or attention_mask is None or image_token_id is None:
+            return [None] * inputs.size
+        grid_thw = inputs.tensors.get("image_grid_thw")
+        merge = int(getattr(getattr(self.processor, "image_processor", None), "merge_size", 1) or 1)
+        grids: list[ImageGrid | None] = []
+        for i in range(inputs.size):
+            real_ids = input_ids[i][attention_mask[i].bool()]
+            positions = torch.nonzero(real_ids == image_token_id).flatten().tolist()
+            if self.family == "colqwen2" and grid_thw is not None:
+                t, h, w = (int(v) for v in grid_thw[i].tolist())
+                rows, cols = t * h // merge, w // merge
+            else:
+                side = math.isqrt(len(positions))
+                rows, cols = side, side
+            contiguous = bool(positions) and positions[-1] - positions[0] + 1 == len(positions)
+            if not contiguous or rows * cols != len(positions):
+                grids.append(None)  # unexpected layout: the sink falls back to its own rule
+                continue
+            grids.append(ImageGrid(start=positions[0], rows=rows, cols=cols))
+        return grids
 
     # -- forward (the device thread) ---------------------------------------------
 

@@ -17,23 +17,37 @@ then clears whatever the old version had beyond the new page count.
 Storage options (issue 5), fixed when the pages collection is created (a sidecar
 records them, and a later mismatch is refused rather than silently mixed):
 
-* ``token_pooling_factor`` f > 1: store the mean of each run of f consecutive
-  tokens instead of every token (1/f of the storage and of the scan). Tokens come
-  out of the model in row-major patch order, so a run is a strip of neighbouring
-  patches. This is 1-D pooling, not colpali-engine's hierarchical clustering and
-  not true row/column pooling: the patch grid does not travel on
-  ``documents.vectors``.
-* ``mean_pooled_prefetch``: keep the full multivector as ``original`` and add
-  ``pooled`` (factor f, or :data:`DEFAULT_PREFETCH_POOLING`); search scans
-  ``pooled`` first and reranks its candidates on ``original``.
+* ``on_disk_float16``: store float16 instead of float32 (half the bytes; the model's
+  output is float16 already, so nothing is lost).
+* ``token_pooling_factor`` f > 1: colpali-engine's ``HierarchicalTokenPooler`` clusters
+  a page's tokens by similarity (Ward linkage) into at most tokens/f clusters and
+  stores each cluster's normalised mean: ~1/f of the bytes and of the scan.
+* ``mean_pooled_prefetch``: Qdrant's recipe for first-stage search. The page's
+  multivector is stored as ``original`` (HNSW ``m=0``: only ever used to rerank) beside
+  ``mean_pooling_rows`` and ``mean_pooling_columns``: one mean vector per row and per
+  column of the image patch grid, with the page's non-image tokens (prompt, special
+  tokens) kept as they are, as Qdrant's recipe does. A search prefetches candidates
+  on rows and on columns and reranks their union with MaxSim on ``original``.
 
-With both off the pages collection has one unnamed multivector, the layout other
-ColPali tools expect.
+Both poolings run here, in the store, not in the embedder: what is stored is a
+property of the collection (checked against the sidecar), ``documents.vectors``
+keeps full-fidelity vectors so a collection with other options is a replay rather
+than a re-embed, the row/column means need the full grid, and the hierarchical
+pooler costs ~100 ms of CPU per 750-token page, CPU the embedder's threads must
+spend keeping the GPU fed instead.
+
+Pages published without a patch grid (older producers) are pooled as if their
+tokens formed a near-square row-major grid (:func:`fallback_grid`), so they stay
+findable by the prefetch stage.
+
+With all three off but float16 the pages collection has one unnamed multivector,
+the layout other ColPali tools expect.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,13 +59,18 @@ from colstream.infra.settings import QdrantSettings
 from colstream.schemas.events import DocumentRecord
 
 DEFAULT_DIM = 128
-DEFAULT_PREFETCH_POOLING = 8
-# First-stage candidates per requested result when prefetching on pooled vectors.
+# First-stage candidates per requested result, per prefetch (rows and columns each).
 PREFETCH_CANDIDATES_PER_RESULT = 10
 PREFETCH_MIN_CANDIDATES = 100
 
 ORIGINAL_VECTOR = "original"
-POOLED_VECTOR = "pooled"
+ROWS_VECTOR = "mean_pooling_rows"
+COLUMNS_VECTOR = "mean_pooling_columns"
+
+# Bumped when what a (pooling_factor, prefetch_vector) pair stores changes: scheme 1
+# pooled runs of consecutive tokens into one "pooled" vector; scheme 2 is the
+# hierarchical pooler plus row/column vectors. A plain layout is the same in both.
+LAYOUT_SCHEME = 2
 
 # Fixed namespaces: ids must be identical across processes, restarts and backends.
 _PAGE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://colstream/pages")
@@ -74,6 +93,33 @@ def record_point_id(document_id: str) -> str:
 
 
 @dataclass(frozen=True)
+class PatchGrid:
+    """Where a page's image tokens sit in its multivector: ``rows x cols`` row-major from ``start``."""
+
+    start: int
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.rows < 1 or self.cols < 1:
+            raise ValueError(f"invalid patch grid {self}")
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.rows * self.cols
+
+
+def fallback_grid(tokens: int) -> PatchGrid:
+    """The rule for a page without a grid: a near-square row-major grid from token 0.
+
+    ``ceil(sqrt(n))`` columns and as many full rows as fit; the few tokens left over
+    are kept as they are, like the non-image tokens of a real grid.
+    """
+    cols = max(1, math.ceil(math.sqrt(tokens)))
+    return PatchGrid(start=0, rows=max(1, tokens // cols), cols=min(cols, tokens))
+
+
+@dataclass(frozen=True)
 class PagePoint:
     document_id: str
     version: int
@@ -83,6 +129,8 @@ class PagePoint:
     blob_uri: str | None
     model: str
     vectors: np.ndarray  # float16 or float32, [tokens, dim]
+    # The image patch grid inside ``vectors``; None when the producer did not report one.
+    grid: PatchGrid | None = None
 
     def __post_init__(self) -> None:
         where = f"document {self.document_id!r} page {self.page_number}"
@@ -99,6 +147,11 @@ class PagePoint:
             # Qdrant would either reject the batch or store garbage that poisons MaxSim.
             raise InvalidVectorsError(
                 f"{where}: {bad_rows} of {vectors.shape[0]} token vectors contain NaN or inf"
+            )
+        if self.grid is not None and self.grid.stop > vectors.shape[0]:
+            raise InvalidVectorsError(
+                f"{where}: patch grid {self.grid} reaches token {self.grid.stop}, "
+                f"the page has {vectors.shape[0]}"
             )
 
     @property
@@ -121,27 +174,31 @@ class PagePoint:
 class PagesLayout:
     """How the pages collection is shaped; fixed when it is created and stored beside it.
 
-    * ``pooling_factor`` 0, ``prefetch_vector`` False: one unnamed full multivector.
-    * ``pooling_factor`` f, ``prefetch_vector`` False: one unnamed multivector of pooled
-      tokens (token pooling: 1/f of the storage and scan cost, some quality lost).
-    * ``prefetch_vector`` True: named ``original`` (full) plus ``pooled`` (factor f).
+    * ``prefetch_vector`` False: one unnamed multivector, every token
+      (``pooling_factor`` 0) or hierarchically pooled by ``pooling_factor``.
+    * ``prefetch_vector`` True: named ``original`` (the same tokens as above) plus
+      ``mean_pooling_rows`` and ``mean_pooling_columns`` from the full tokens.
     """
 
     dim: int
     float16: bool
     pooling_factor: int
     prefetch_vector: bool
+    scheme: int = LAYOUT_SCHEME
 
     @property
     def named(self) -> bool:
         return self.prefetch_vector
 
-    def stored_vectors(self, vectors: np.ndarray) -> np.ndarray | dict[str, np.ndarray]:
-        if self.prefetch_vector:
-            return {ORIGINAL_VECTOR: vectors, POOLED_VECTOR: pool_tokens(vectors, self.pooling_factor)}
+    def stored_vectors(self, point: PagePoint) -> np.ndarray | dict[str, np.ndarray]:
+        original = point.vectors
         if self.pooling_factor > 1:
-            return pool_tokens(vectors, self.pooling_factor)
-        return vectors
+            original = hierarchical_pool(original, self.pooling_factor)
+        if not self.prefetch_vector:
+            return original
+        # Rows and columns come from the full tokens: the grid describes those.
+        rows, columns = pool_rows_and_columns(point.vectors, point.grid)
+        return {ORIGINAL_VECTOR: original, ROWS_VECTOR: rows, COLUMNS_VECTOR: columns}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -149,6 +206,7 @@ class PagesLayout:
             "float16": self.float16,
             "pooling_factor": self.pooling_factor,
             "prefetch_vector": self.prefetch_vector,
+            "scheme": self.scheme,
         }
 
     @classmethod
@@ -158,44 +216,59 @@ class PagesLayout:
             float16=bool(data["float16"]),
             pooling_factor=int(data["pooling_factor"]),
             prefetch_vector=bool(data["prefetch_vector"]),
+            scheme=int(data.get("scheme", 1)),  # sidecars written before the scheme existed
         )
+
+    def _what_is_stored(self) -> tuple[int, int, bool, int]:
+        plain = self.pooling_factor == 0 and not self.prefetch_vector
+        return (self.dim, self.pooling_factor, self.prefetch_vector, LAYOUT_SCHEME if plain else self.scheme)
 
     def check_compatible(self, wanted: PagesLayout, where: str) -> None:
         # Storage precision may differ from today's settings; what is stored may not.
-        mine = (self.dim, self.pooling_factor, self.prefetch_vector)
-        theirs = (wanted.dim, wanted.pooling_factor, wanted.prefetch_vector)
+        mine, theirs = self._what_is_stored(), wanted._what_is_stored()
         if mine != theirs:
             raise RuntimeError(
-                f"{where} holds (dim, pooling_factor, prefetch_vector)={mine}; settings ask for {theirs}. "
-                "Use another collection name (or directory) and re-index"
+                f"{where} holds (dim, pooling_factor, prefetch_vector, scheme)={mine}; settings ask for "
+                f"{theirs}. Use another collection name (or directory) and re-index"
             )
 
 
 def pages_layout(settings: QdrantSettings, dim: int) -> PagesLayout:
-    factor = settings.token_pooling_factor if settings.token_pooling_factor > 1 else 0
-    if settings.mean_pooled_prefetch and factor == 0:
-        factor = DEFAULT_PREFETCH_POOLING
     return PagesLayout(
         dim=dim,
         float16=settings.on_disk_float16,
-        pooling_factor=factor,
+        pooling_factor=settings.token_pooling_factor if settings.token_pooling_factor > 1 else 0,
         prefetch_vector=settings.mean_pooled_prefetch,
     )
 
 
-def pool_tokens(vectors: np.ndarray, factor: int) -> np.ndarray:
-    """Mean of each run of ``factor`` consecutive token vectors (the last run may be shorter).
+def hierarchical_pool(vectors: np.ndarray, factor: int) -> np.ndarray:
+    """colpali-engine's hierarchical token pooling: at most ``tokens // factor`` normalised cluster means."""
+    if factor <= 1 or vectors.shape[0] < 2:
+        return vectors
+    # Imported here: it pulls in torch and scipy, which a sink without pooling never needs.
+    import torch
+    from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
 
-    Vectors are L2-normalised first so every token weighs the same in the mean, as
-    cosine MaxSim treats them.
+    as_tensor = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    pooled = HierarchicalTokenPooler().pool_embeddings([as_tensor], pool_factor=factor)
+    return np.asarray(pooled[0].numpy(), dtype=np.float32)
+
+
+def pool_rows_and_columns(vectors: np.ndarray, grid: PatchGrid | None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean vector per grid row and per grid column, each between the page's non-image tokens.
+
+    Returns ``(rows, columns)``: ``[prefix, row means (grid.rows), suffix]`` and
+    ``[prefix, column means (grid.cols), suffix]``, where prefix and suffix are the
+    tokens before and after the grid, unchanged.
     """
-    as_float = vectors.astype(np.float32)
-    norms = np.linalg.norm(as_float, axis=1, keepdims=True)
-    unit = np.divide(as_float, norms, out=np.zeros_like(as_float), where=norms > 0)
-    starts = np.arange(0, unit.shape[0], factor)
-    sums = np.add.reduceat(unit, starts, axis=0)
-    counts = np.diff(np.append(starts, unit.shape[0])).reshape(-1, 1)
-    return (sums / counts).astype(np.float32)
+    grid = grid if grid is not None else fallback_grid(vectors.shape[0])
+    as_float = vectors.astype(np.float32, copy=False)
+    patches = as_float[grid.start : grid.stop].reshape(grid.rows, grid.cols, -1)
+    prefix, suffix = as_float[: grid.start], as_float[grid.stop :]
+    rows = np.concatenate([prefix, patches.mean(axis=1), suffix])
+    columns = np.concatenate([prefix, patches.mean(axis=0), suffix])
+    return rows, columns
 
 
 def check_query(query: np.ndarray, dim: int) -> np.ndarray:

@@ -20,8 +20,9 @@ import qdrant_edge as edge
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
     DEFAULT_DIM,
+    COLUMNS_VECTOR,
     ORIGINAL_VECTOR,
-    POOLED_VECTOR,
+    ROWS_VECTOR,
     PREFETCH_CANDIDATES_PER_RESULT,
     PREFETCH_MIN_CANDIDATES,
     PagePoint,
@@ -135,15 +136,14 @@ class EdgeVectorStore:
         vectors = check_query(query, layout.dim)
         filter_ = _document_filter(document_id) if document_id is not None else None
         if self._settings.mean_pooled_prefetch and layout.named:
+            # First stage on the small row and column multivectors, then exact MaxSim
+            # on the full one over the union of both candidate sets.
             candidates = max(limit * PREFETCH_CANDIDATES_PER_RESULT, PREFETCH_MIN_CANDIDATES)
             request = edge.QueryRequest(
                 limit=limit,
                 prefetches=[
-                    edge.Prefetch(
-                        limit=candidates,
-                        query=edge.Query.Nearest(vectors, using=POOLED_VECTOR),
-                        filter=filter_,
-                    )
+                    edge.Prefetch(limit=candidates, query=edge.Query.Nearest(vectors, using=using), filter=filter_)
+                    for using in (ROWS_VECTOR, COLUMNS_VECTOR)
                 ],
                 query=edge.Query.Nearest(vectors, using=ORIGINAL_VECTOR),
                 filter=filter_,
@@ -237,9 +237,12 @@ def _pages_config(layout: PagesLayout) -> edge.EdgeConfig:
 
     if not layout.named:
         return edge.EdgeConfig(vectors=multivector())
-    # The pooled vector also stays graph-less: Edge builds graphs only in optimize(),
-    # and a full scan over 1/factor of the tokens is already the cheap first stage.
-    return edge.EdgeConfig(vectors={ORIGINAL_VECTOR: multivector(), POOLED_VECTOR: multivector()})
+    # The row/column vectors also stay graph-less: Edge builds graphs only in optimize(),
+    # and a full scan over ~rows+cols tokens instead of rows x cols is already the
+    # cheap first stage.
+    return edge.EdgeConfig(
+        vectors={ORIGINAL_VECTOR: multivector(), ROWS_VECTOR: multivector(), COLUMNS_VECTOR: multivector()}
+    )
 
 
 def _layout_on_disk(directory: Path) -> PagesLayout:
@@ -272,7 +275,7 @@ def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:
 
 
 def _edge_point(point: PagePoint, layout: PagesLayout) -> edge.Point:
-    stored = layout.stored_vectors(point.vectors)
+    stored = layout.stored_vectors(point)
     # Edge converts numpy arrays element by element; nested float lists cross into
     # Rust ~40% faster (measured: 5.4 vs 3.3 ms for a 700x128 page).
     vector: Any

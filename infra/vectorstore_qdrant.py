@@ -14,8 +14,9 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
     DEFAULT_DIM,
+    COLUMNS_VECTOR,
     ORIGINAL_VECTOR,
-    POOLED_VECTOR,
+    ROWS_VECTOR,
     PREFETCH_CANDIDATES_PER_RESULT,
     PREFETCH_MIN_CANDIDATES,
     PagePoint,
@@ -134,7 +135,7 @@ class QdrantServerVectorStore:
         layout = self._current_layout()
         check_page_dims(points, layout.dim)
         for batch in _batches_under_budget(points, layout):
-            self._client.upsert(self._pages, points=[_server_point(p, layout) for p in batch], wait=True)
+            self._client.upsert(self._pages, points=batch, wait=True)
 
     def delete_document(self, document_id: str, below_version: int | None = None) -> None:
         if not self._exists(self._pages):
@@ -169,7 +170,10 @@ class QdrantServerVectorStore:
             candidates = max(limit * PREFETCH_CANDIDATES_PER_RESULT, PREFETCH_MIN_CANDIDATES)
             response = self._client.query_points(
                 self._pages,
-                prefetch=qm.Prefetch(query=vectors, using=POOLED_VECTOR, limit=candidates, filter=filter_),
+                prefetch=[
+                    qm.Prefetch(query=vectors, using=using, limit=candidates, filter=filter_)
+                    for using in (ROWS_VECTOR, COLUMNS_VECTOR)
+                ],
                 query=vectors,
                 using=ORIGINAL_VECTOR,
                 query_filter=filter_,
@@ -274,36 +278,37 @@ def _pages_vectors_config(layout: PagesLayout) -> qm.VectorParams | dict[str, qm
 
     if not layout.named:
         return multivector(graph=False)
-    # The pooled vector is the first stage: on a server it gets the default HNSW graph.
-    return {ORIGINAL_VECTOR: multivector(graph=False), POOLED_VECTOR: multivector(graph=True)}
+    # Rows and columns are the first stage: on a server they get the default HNSW graph.
+    return {
+        ORIGINAL_VECTOR: multivector(graph=False),
+        ROWS_VECTOR: multivector(graph=True),
+        COLUMNS_VECTOR: multivector(graph=True),
+    }
 
 
-def _server_point(point: PagePoint, layout: PagesLayout) -> qm.PointStruct:
-    stored = layout.stored_vectors(point.vectors)
+def _server_point(point: PagePoint, layout: PagesLayout) -> tuple[qm.PointStruct, int]:
+    """The point to send and its estimated request size."""
+    stored = layout.stored_vectors(point)
     vector: Any
     if isinstance(stored, dict):
         vector = {name: array.astype(np.float32).tolist() for name, array in stored.items()}
+        floats = sum(array.size for array in stored.values())
     else:
         vector = stored.astype(np.float32).tolist()
-    return qm.PointStruct(id=point.point_id, vector=vector, payload=point.payload())
+        floats = stored.size
+    size = floats * _BYTES_PER_FLOAT_JSON + _BYTES_PER_POINT_OVERHEAD
+    return qm.PointStruct(id=point.point_id, vector=vector, payload=point.payload()), size
 
 
-def _estimated_request_bytes(point: PagePoint, layout: PagesLayout) -> int:
-    floats = point.vectors.size
-    if layout.named:
-        floats += -(-point.vectors.shape[0] // layout.pooling_factor) * layout.dim
-    return floats * _BYTES_PER_FLOAT_JSON + _BYTES_PER_POINT_OVERHEAD
-
-
-def _batches_under_budget(points: Sequence[PagePoint], layout: PagesLayout) -> Iterator[list[PagePoint]]:
-    batch: list[PagePoint] = []
+def _batches_under_budget(points: Sequence[PagePoint], layout: PagesLayout) -> Iterator[list[qm.PointStruct]]:
+    batch: list[qm.PointStruct] = []
     used = 0
     for point in points:
-        size = _estimated_request_bytes(point, layout)
+        server_point, size = _server_point(point, layout)
         if batch and used + size > _REQUEST_BUDGET_BYTES:
             yield batch
             batch, used = [], 0
-        batch.append(point)
+        batch.append(server_point)
         used += size
     if batch:
         yield batch

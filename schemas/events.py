@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
@@ -170,7 +170,13 @@ class DocumentFailed(_Frozen):
 
 
 class PageVectors(_Frozen):
-    """One page's multivector on ``documents.vectors``: float16, real tokens only."""
+    """One page's multivector on ``documents.vectors``: float16, real tokens only.
+
+    ``image_token_start``, ``grid_rows`` and ``grid_cols`` (all set or all absent) say
+    where the page's image tokens sit: ``grid_rows x grid_cols`` tokens, row-major,
+    from ``image_token_start``. The sink mean-pools them by row and by column for
+    first-stage search; messages without them are still valid.
+    """
 
     type: Literal["page_vectors"] = "page_vectors"
     schema_version: int = SCHEMA_VERSION
@@ -182,18 +188,45 @@ class PageVectors(_Frozen):
     num_tokens: int = Field(ge=1)
     dtype: Literal["float16"] = "float16"
     vectors_b64: str
+    image_token_start: int | None = Field(default=None, ge=0)
+    grid_rows: int | None = Field(default=None, ge=1)
+    grid_cols: int | None = Field(default=None, ge=1)
 
     _v_schema = field_validator("schema_version")(_check_schema_version)
 
+    @model_validator(mode="after")
+    def _grid_fits(self) -> PageVectors:
+        parts = (self.image_token_start, self.grid_rows, self.grid_cols)
+        if all(part is None for part in parts):
+            return self
+        if any(part is None for part in parts):
+            raise ValueError("image_token_start, grid_rows and grid_cols must be given together")
+        assert self.image_token_start is not None and self.grid_rows is not None and self.grid_cols is not None
+        if self.image_token_start + self.grid_rows * self.grid_cols > self.num_tokens:
+            raise ValueError(
+                f"image grid {self.grid_rows}x{self.grid_cols} from token {self.image_token_start} "
+                f"does not fit in {self.num_tokens} tokens"
+            )
+        return self
+
     @classmethod
     def from_array(
-        cls, *, document: DocumentRef, page_number: int, total_pages: int, model: str, array: np.ndarray
+        cls,
+        *,
+        document: DocumentRef,
+        page_number: int,
+        total_pages: int,
+        model: str,
+        array: np.ndarray,
+        image_grid: tuple[int, int, int] | None = None,
     ) -> PageVectors:
+        """``image_grid``: (image_token_start, grid_rows, grid_cols) when the model reported one."""
         if array.ndim != 2 or array.shape[0] == 0:
             raise ValueError(f"expected a non-empty (tokens, dim) array, got shape {array.shape}")
         if not np.isfinite(array).all():
             raise ValueError("page vectors contain NaN or inf")
         half = np.ascontiguousarray(array, dtype="<f2")
+        start, rows, cols = image_grid if image_grid is not None else (None, None, None)
         return cls(
             document=document,
             page_number=page_number,
@@ -202,6 +235,9 @@ class PageVectors(_Frozen):
             dim=int(half.shape[1]),
             num_tokens=int(half.shape[0]),
             vectors_b64=base64.b64encode(half.tobytes()).decode("ascii"),
+            image_token_start=start,
+            grid_rows=rows,
+            grid_cols=cols,
         )
 
     def to_array(self) -> np.ndarray:

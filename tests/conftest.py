@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from colstream.infra.local_kafka import LocalKafka
 from colstream.infra.settings import ColstreamSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,6 +30,11 @@ def _docker_available() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
 
 
+def session_broker(state: Path) -> LocalKafka:
+    port = int(os.environ.get("COLSTREAM_TEST_KAFKA_PORT", "9092"))
+    return LocalKafka(state_dir=state, port=port, controller_port=port + 1)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     explicit = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -41,9 +47,7 @@ def kafka_bootstrap() -> Iterator[str]:
         with KafkaContainer().with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    from colstream.infra.local_kafka import LocalKafka
-
-    broker = LocalKafka(state_dir=STATE, port=int(os.environ.get("COLSTREAM_TEST_KAFKA_PORT", "9092")))
+    broker = session_broker(STATE)
     already = broker.is_running()
     servers = broker.start()
     try:

@@ -104,6 +104,7 @@ class EmbedderHandler:
                 total_pages=task.total_pages,
                 model=self.model_name,
                 array=embedded.vectors,
+                image_grid=(grid.start, grid.rows, grid.cols) if (grid := embedded.grid) is not None else None,
             )
         except ValueError as exc:  # NaN/inf or empty output: never let it reach Qdrant
             return self._page_failed(record, task, "InvalidEmbedding", str(exc))

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
-from colstream.infra.vectorstore import PagePoint
+from colstream.infra.vectorstore import PagePoint, PatchGrid
 from colstream.schemas import (
     DocumentDeleted,
     DocumentFailed,
@@ -62,6 +62,13 @@ class _DocumentPlan:
     purge_below: int | None = None
     upserts: dict[int, PagePoint] = field(default_factory=dict)
     touched: bool = False
+
+
+def _patch_grid(message: PageVectors) -> PatchGrid | None:
+    # Messages from producers that do not report a grid are stored with the store's fallback rule.
+    if message.image_token_start is None or message.grid_rows is None or message.grid_cols is None:
+        return None
+    return PatchGrid(start=message.image_token_start, rows=message.grid_rows, cols=message.grid_cols)
 
 
 def _settled_state(record: DocumentRecord) -> str:
@@ -178,6 +185,7 @@ class SinkCore:
                 blob_uri=ref.blob_uri,
                 model=message.model,
                 vectors=message.to_array(),
+                grid=_patch_grid(message),
             )
             if page not in rec.indexed_pages:
                 rec.indexed_pages = sorted([*rec.indexed_pages, page])

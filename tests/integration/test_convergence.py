@@ -150,11 +150,10 @@ def test_broker_restart_mid_run_reconnects_and_converges(pipeline_settings: Cols
                                                          tmp_path: Path) -> None:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("the broker belongs to someone else: not restarting it")
-    from colstream.infra.local_kafka import LocalKafka
-    from tests.conftest import STATE
+    from tests.conftest import STATE, session_broker
 
     settings = pipeline_settings
-    broker = LocalKafka(state_dir=STATE, port=int(os.environ.get("COLSTREAM_TEST_KAFKA_PORT", "9092")))
+    broker = session_broker(STATE)
     if broker.pid() is None:
         pytest.skip("the session broker was not started by this test run")
     seed = _seed("broker")

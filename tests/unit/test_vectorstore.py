@@ -15,10 +15,11 @@ from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
     InvalidVectorsError,
     PagePoint,
+    PatchGrid,
     VectorStore,
     open_vector_store,
     page_point_id,
-    pool_tokens,
+    pool_rows_and_columns,
 )
 from colstream.infra.vectorstore_edge import EdgeVectorStore
 from colstream.infra.vectorstore_qdrant import QdrantServerVectorStore
@@ -194,7 +195,14 @@ def test_ensure_collections_is_idempotent_and_refuses_another_shape(store: Vecto
         store.ensure_collections(dim=DIM * 2)
 
 
-@pytest.mark.parametrize("options", [{"token_pooling_factor": 4}, {"mean_pooled_prefetch": True}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"token_pooling_factor": 4},
+        {"mean_pooled_prefetch": True},
+        {"mean_pooled_prefetch": True, "token_pooling_factor": 3},
+    ],
+)
 def test_storage_options_still_find_the_right_page(store_factory: StoreFactory, options: dict) -> None:
     store = store_factory(**options)
     pages = [make_page(f"doc-{d}", n) for d in range(5) for n in (1, 2)]
@@ -202,15 +210,25 @@ def test_storage_options_still_find_the_right_page(store_factory: StoreFactory, 
     target = pages[6]
     hits = store.search(target.vectors[:8], limit=3)
     assert (hits[0][1]["document_id"], hits[0][1]["page_number"]) == (target.document_id, target.page_number)
-    if options.get("mean_pooled_prefetch"):
+    if options.get("mean_pooled_prefetch") and not options.get("token_pooling_factor"):
         # The rerank runs on the full multivector: exact self-match scores survive.
         assert hits[0][0] == pytest.approx(8.0, abs=0.02)
 
 
-def test_pool_tokens_means_runs_of_unit_vectors() -> None:
-    vectors = np.array([[2, 0], [0, 3], [0, 0], [4, 0], [0, 1]], dtype=np.float32)
-    pooled = pool_tokens(vectors, 2)
-    np.testing.assert_allclose(pooled, [[0.5, 0.5], [0.5, 0.0], [0.0, 1.0]])
+def test_rows_and_columns_are_grid_means_between_the_other_tokens() -> None:
+    # 1 prefix token, a 2x3 grid, 1 suffix token.
+    vectors = np.arange(8 * 2, dtype=np.float32).reshape(8, 2)
+    rows, columns = pool_rows_and_columns(vectors, PatchGrid(start=1, rows=2, cols=3))
+    grid = vectors[1:7]
+    np.testing.assert_allclose(rows, [vectors[0], grid[0:3].mean(0), grid[3:6].mean(0), vectors[7]])
+    np.testing.assert_allclose(
+        columns, [vectors[0], grid[[0, 3]].mean(0), grid[[1, 4]].mean(0), grid[[2, 5]].mean(0), vectors[7]]
+    )
+
+
+def test_page_point_refuses_a_grid_beyond_its_tokens() -> None:
+    with pytest.raises(InvalidVectorsError, match="grid"):
+        PagePoint("doc", 1, 1, 1, None, None, "m", np.ones((10, DIM), np.float16), grid=PatchGrid(2, 3, 3))
 
 
 def test_edge_pages_and_records_survive_reopen(tmp_path: Path) -> None:
@@ -243,6 +261,22 @@ def test_edge_refuses_a_layout_change_on_reopen(tmp_path: Path) -> None:
     second = EdgeVectorStore(QdrantSettings(path=path, mean_pooled_prefetch=True))
     try:
         with pytest.raises(RuntimeError, match="pooling_factor"):
+            second.ensure_collections(dim=DIM)
+    finally:
+        second.close()
+
+
+def test_edge_refuses_a_shard_pooled_by_the_earlier_scheme(tmp_path: Path) -> None:
+    path = tmp_path / "qdrant"
+    first = EdgeVectorStore(QdrantSettings(path=path, token_pooling_factor=4))
+    first.ensure_collections(dim=DIM)
+    first.close()
+    sidecar = path / "colpali_embeddings" / "colstream_layout.json"
+    # What a sidecar looked like when pooling meant runs of consecutive tokens.
+    sidecar.write_text('{"dim": %d, "float16": true, "pooling_factor": 4, "prefetch_vector": false}' % DIM)
+    second = EdgeVectorStore(QdrantSettings(path=path, token_pooling_factor=4))
+    try:
+        with pytest.raises(RuntimeError, match="scheme"):
             second.ensure_collections(dim=DIM)
     finally:
         second.close()
