@@ -124,3 +124,25 @@ def test_documents_command_reads_the_record_store(pipeline_settings: ColstreamSe
         rows = [document_row(r) for r in store.list_records()]
     assert rows == [{"document_id": "a", "filename": "a.pdf", "total_pages": 2, "embedding_dimension": 128,
                      "state": "complete", "version": rows[0]["version"], "indexed_pages": 2, "failed_pages": []}]
+
+
+def test_colpali_family_end_to_end(kafka_bootstrap: str, tiny_colpali: Path, tmp_path: Path) -> None:
+    """The model is chosen by settings: the same pipeline with a (tiny, random-weight) ColPali."""
+    from colstream.infra.kafka import ensure_topics
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path, kafka_bootstrap, tiny_colpali)
+    settings.model.family = "colpali"
+    ensure_topics(settings)
+    uri = _store_blob(settings, "deck.pdf", make_pdf(2, size=(960, 540)))
+    with pipeline_in_threads(settings) as store:
+        kcat_produce(settings, settings.topics.uploads, [upload_line("deck", uri)])
+        wait_for(lambda: store.count_pages("deck") == 2, 120, what="colpali pages")
+        record = wait_for(lambda: (r := store.get_records(["deck"]).get("deck")) and r.state == "complete" and r,
+                          30, what="deck complete")
+        assert record.embedding_dimension == 128
+        assert "random weights" in (record.model or "")
+    pages = read_all(settings, settings.topics.pages)
+    task = json.loads(pages[0][1] or b"{}")
+    # rendered for ColPali's square input (224 px for the tiny checkpoint): shorter side at the model's size
+    assert min(task["width"], task["height"]) == 224

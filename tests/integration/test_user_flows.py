@@ -283,3 +283,47 @@ def test_publish_upload_of_a_local_file_to_an_azure_container(
         out = colstream(settings, "publish", "upload", "--document-id", "from-laptop", str(pdf), **env)
         assert f"{azurite.blob_endpoint}/{container}/" in out
         wait_for(lambda: documents(settings).get("from-laptop", {}).get("indexed_pages") == 2, 120)
+        assert "<tombstone>" in colstream(settings, "publish", "delete", "from-laptop", **env)
+        wait_for(lambda: "from-laptop" not in documents(settings), 60, what="CLI delete applied")
+
+
+def test_the_original_rest_surface_works_over_the_pipeline(pipeline_settings: ColstreamSettings,
+                                                           tmp_path: Path) -> None:
+    """The seeds' endpoints, now producers and read models around Kafka."""
+    import base64
+
+    settings = pipeline_settings
+    with run_all(settings, tmp_path / "run-all.log") as api:
+        health = httpx.get(f"{api}/health", timeout=10).json()
+        assert health["status"] == "healthy" and health["kafka_connected"] and health["qdrant_connected"]
+
+        pdf = httpx.post(f"{api}/ingest/pdf", files={"file": ("memo.pdf", make_pdf(3), "application/pdf")},
+                         data={"document_id": "memo"}, timeout=180)
+        assert pdf.status_code == 200, pdf.text
+        body = pdf.json()
+        assert (body["document_id"], body["filename"], body["total_pages"], body["embedding_dimension"]) == (
+            "memo", "memo.pdf", 3, 128)
+        image = httpx.post(f"{api}/ingest/image", files={"file": ("shot.png", make_image("PNG", (500, 400)),
+                                                                  "image/png")}, timeout=180)
+        assert image.status_code == 200 and image.json()["total_pages"] == 1
+        not_pdf = httpx.post(f"{api}/ingest/pdf", files={"file": ("x.pdf", b"hello", "application/pdf")},
+                             timeout=30)
+        assert not_pdf.status_code == 415
+
+        listed = {d["document_id"] for d in httpx.get(f"{api}/documents", timeout=10).json()}
+        assert {"memo", image.json()["document_id"]} <= listed
+        assert httpx.get(f"{api}/stats", timeout=10).json()["total_vectors"] == 4
+
+        embedded = httpx.post(f"{api}/embed", json={"image": base64.b64encode(make_image("PNG", (300, 200))).decode()},
+                              timeout=120).json()
+        assert embedded["dim"] == 128 and len(embedded["embedding"]) == embedded["num_tokens"] > 0
+        assert "random weights" in embedded["model"]
+        batch = httpx.post(f"{api}/embed_batch", json={"images": [base64.b64encode(make_image("PNG")).decode()] * 2},
+                           timeout=120).json()
+        assert batch["count"] == 2
+        hits = httpx.post(f"{api}/search", json={"query": "memo", "limit": 2}, timeout=120).json()
+        assert len(hits["hits"]) == 2 and {h["payload"]["document_id"] for h in hits["hits"]} <= listed
+
+        gone = httpx.delete(f"{api}/document/memo", params={"wait": "true"}, timeout=90)
+        assert gone.status_code == 200 and "deleted" in gone.json()["message"]
+        assert httpx.get(f"{api}/stats", timeout=10).json()["total_vectors"] == 1
