@@ -311,9 +311,13 @@ class VectorStore(Protocol):
     def count_pages(self, document_id: str | None = None) -> int: ...
 
     def search(
-        self, query: np.ndarray, limit: int = 10, document_id: str | None = None
+        self, query: np.ndarray, limit: int = 10, document_id: str | None = None, prefetch: bool = True
     ) -> list[tuple[float, dict[str, Any]]]:
-        """MaxSim search; (score, page payload), best first."""
+        """MaxSim search; (score, page payload), best first.
+
+        With the row/column layout, ``prefetch=False`` skips the first stage and scans
+        every page's full multivector (to measure what the first stage saves and loses).
+        """
 
     def get_records(self, document_ids: Sequence[str]) -> dict[str, DocumentRecord]: ...
 

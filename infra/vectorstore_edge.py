@@ -19,12 +19,12 @@ import qdrant_edge as edge
 
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
-    DEFAULT_DIM,
     COLUMNS_VECTOR,
+    DEFAULT_DIM,
     ORIGINAL_VECTOR,
-    ROWS_VECTOR,
     PREFETCH_CANDIDATES_PER_RESULT,
     PREFETCH_MIN_CANDIDATES,
+    ROWS_VECTOR,
     PagePoint,
     PagesLayout,
     check_page_dims,
@@ -128,14 +128,14 @@ class EdgeVectorStore:
         return int(self._pages.count(edge.CountRequest(exact=True, filter=filter_)))
 
     def search(
-        self, query: np.ndarray, limit: int = 10, document_id: str | None = None
+        self, query: np.ndarray, limit: int = 10, document_id: str | None = None, prefetch: bool = True
     ) -> list[tuple[float, dict[str, Any]]]:
         if self._pages is None or limit <= 0:
             return []
         shard, layout = self._pages_shard()
         vectors = check_query(query, layout.dim)
         filter_ = _document_filter(document_id) if document_id is not None else None
-        if self._settings.mean_pooled_prefetch and layout.named:
+        if prefetch and self._settings.mean_pooled_prefetch and layout.named:
             # First stage on the small row and column multivectors, then exact MaxSim
             # on the full one over the union of both candidate sets.
             candidates = max(limit * PREFETCH_CANDIDATES_PER_RESULT, PREFETCH_MIN_CANDIDATES)

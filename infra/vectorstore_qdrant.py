@@ -13,12 +13,12 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
-    DEFAULT_DIM,
     COLUMNS_VECTOR,
+    DEFAULT_DIM,
     ORIGINAL_VECTOR,
-    ROWS_VECTOR,
     PREFETCH_CANDIDATES_PER_RESULT,
     PREFETCH_MIN_CANDIDATES,
+    ROWS_VECTOR,
     PagePoint,
     PagesLayout,
     check_page_dims,
@@ -159,14 +159,14 @@ class QdrantServerVectorStore:
         return int(self._client.count(self._pages, count_filter=filter_, exact=True).count)
 
     def search(
-        self, query: np.ndarray, limit: int = 10, document_id: str | None = None
+        self, query: np.ndarray, limit: int = 10, document_id: str | None = None, prefetch: bool = True
     ) -> list[tuple[float, dict[str, Any]]]:
         if limit <= 0 or not self._exists(self._pages):
             return []
         layout = self._current_layout()
         vectors = check_query(query, layout.dim).tolist()
         filter_ = _document_filter(document_id) if document_id is not None else None
-        if self._settings.mean_pooled_prefetch and layout.named:
+        if prefetch and self._settings.mean_pooled_prefetch and layout.named:
             candidates = max(limit * PREFETCH_CANDIDATES_PER_RESULT, PREFETCH_MIN_CANDIDATES)
             response = self._client.query_points(
                 self._pages,

@@ -47,7 +47,8 @@ def tiny_model(request: pytest.FixtureRequest) -> EmbeddingModel:
 
 def _pages() -> list[Image.Image]:
     # Portrait, landscape and square pages: a grid must follow the page's shape.
-    return [Image.new("RGB", size, color) for size, color in [((300, 520), "white"), ((640, 360), "gray"), ((400, 400), "black")]]
+    shapes = [((300, 520), "white"), ((640, 360), "gray"), ((400, 400), "black")]
+    return [Image.new("RGB", size, color) for size, color in shapes]
 
 
 def test_reported_grid_covers_exactly_the_processors_image_tokens(tiny_model: EmbeddingModel) -> None:
@@ -203,7 +204,7 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
 def test_prefetch_on_rows_and_columns_then_rerank_finds_the_full_maxsim_top_page(
     open_store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    module = "colstream.infra.vectorstore_edge" if open_store.backend == "edge" else "colstream.infra.vectorstore_qdrant"
+    module = f"colstream.infra.vectorstore_{'edge' if open_store.backend == 'edge' else 'qdrant'}"
     # Few candidates per stage, so the first stage really has to pick the page.
     monkeypatch.setattr(f"{module}.PREFETCH_MIN_CANDIDATES", 3)
     monkeypatch.setattr(f"{module}.PREFETCH_CANDIDATES_PER_RESULT", 3)
@@ -228,7 +229,7 @@ def test_prefetch_on_rows_and_columns_then_rerank_finds_the_full_maxsim_top_page
 def test_the_rerank_only_sees_what_the_row_and_column_stage_found(
     open_store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    module = "colstream.infra.vectorstore_edge" if open_store.backend == "edge" else "colstream.infra.vectorstore_qdrant"
+    module = f"colstream.infra.vectorstore_{'edge' if open_store.backend == 'edge' else 'qdrant'}"
     monkeypatch.setattr(f"{module}.PREFETCH_MIN_CANDIDATES", 3)
     monkeypatch.setattr(f"{module}.PREFETCH_CANDIDATES_PER_RESULT", 3)
     dim, k = 64, 4

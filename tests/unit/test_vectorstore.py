@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -273,7 +274,7 @@ def test_edge_refuses_a_shard_pooled_by_the_earlier_scheme(tmp_path: Path) -> No
     first.close()
     sidecar = path / "colpali_embeddings" / "colstream_layout.json"
     # What a sidecar looked like when pooling meant runs of consecutive tokens.
-    sidecar.write_text('{"dim": %d, "float16": true, "pooling_factor": 4, "prefetch_vector": false}' % DIM)
+    sidecar.write_text(json.dumps({"dim": DIM, "float16": True, "pooling_factor": 4, "prefetch_vector": False}))
     second = EdgeVectorStore(QdrantSettings(path=path, token_pooling_factor=4))
     try:
         with pytest.raises(RuntimeError, match="scheme"):
