@@ -34,7 +34,7 @@ class KafkaSettings(BaseModel):
     # Throughput knobs (issue 5 measures them against librdkafka's defaults).
     linger_ms: int = 20
     batch_size: int = 1_000_000
-    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     fetch_max_bytes: int = 52_428_800
     max_partition_fetch_bytes: int = 4_194_304
     # A GPU batch or a 1,000-page render must finish well inside this; stages pause
