@@ -149,6 +149,8 @@ class StageRunner:
         self._in_flight: deque[_InFlight] = deque()
         self._consumer: Consumer | None = None
         self._paused = False
+        # Consumed but not yet handed to the handler (at most about one batch).
+        self._ready: deque[list[RawRecord]] = deque()
         self.assigned: set[tuple[str, int]] = set()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -178,20 +180,35 @@ class StageRunner:
 
     def _step(self, consumer: Consumer) -> None:
         self._settle_done()
-        if len(self._in_flight) >= self.max_in_flight:
+        if self._ready and len(self._in_flight) < self.max_in_flight:
+            self._submit(self._ready.popleft())
+        if len(self._in_flight) >= self.max_in_flight and self._ready:
+            # Full: one batch waits locally, the rest stays on the broker. Pausing only
+            # now (not after every batch) matters: a pause drops what the client had
+            # prefetched, and the refetch after resume can wait out fetch.wait.max.ms.
             self._pause(consumer)
             # Still poll: that is what keeps this member in the group while it works.
-            consumer.poll(0.05)
+            message = consumer.poll(0.05)
+            if message is not None and (record := self._to_record(message)) is not None:
+                self._ready.append([record])
             return
         self._resume(consumer)
-        messages = consumer.consume(num_messages=self.batch_size, timeout=self.batch_timeout_s)
+        # While work is in flight, come back quickly to hand over finished batches.
+        timeout = self.batch_timeout_s if not self._in_flight else min(self.batch_timeout_s, 0.02)
+        messages = consumer.consume(num_messages=self.batch_size, timeout=timeout)
         records = [r for r in (self._to_record(m) for m in messages) if r is not None]
         if records:
-            self.stats.batches += 1
-            self.stats.records_in += len(records)
-            future = self.handler.submit(records, self.producer.send)
-            self._in_flight.append(_InFlight(records, future))
+            if len(self._in_flight) < self.max_in_flight:
+                self._submit(records)
+            else:
+                self._ready.append(records)
         self.producer.producer.poll(0)
+
+    def _submit(self, records: list[RawRecord]) -> None:
+        self.stats.batches += 1
+        self.stats.records_in += len(records)
+        future = self.handler.submit(records, self.producer.send)
+        self._in_flight.append(_InFlight(records, future))
 
     def _to_record(self, message: Message) -> RawRecord | None:
         err = message.error()
@@ -274,11 +291,19 @@ class StageRunner:
         except Exception:
             log.exception("%s: could not settle in-flight work on revoke", self.handler.name)
             raise
-        self.assigned -= {(p.topic, p.partition) for p in partitions}
+        self._forget(partitions)
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        """Drop consumed-but-unstarted records of partitions we no longer own: their next
+        owner resumes from our last commit, so they are not lost."""
+        gone = {(p.topic, p.partition) for p in partitions}
+        self.assigned -= gone
+        kept = [[r for r in batch if (r.position.topic, r.position.partition) not in gone] for batch in self._ready]
+        self._ready = deque(batch for batch in kept if batch)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.warning("%s: partitions lost: %s", self.handler.name, partitions)
-        self.assigned -= {(p.topic, p.partition) for p in partitions}
+        self._forget(partitions)
 
     def _shutdown(self, consumer: Consumer) -> None:
         """Stop polling, give in-flight work ``shutdown_grace_s`` to finish, commit what is durable."""
