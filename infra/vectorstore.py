@@ -306,6 +306,9 @@ class VectorStore(Protocol):
     def delete_document(self, document_id: str, below_version: int | None = None) -> None:
         """Delete every page of a document, or only those with version < below_version."""
 
+    def delete_documents(self, purges: Sequence[tuple[str, int | None]]) -> None:
+        """``delete_document`` for many documents at once; durable when it returns."""
+
     def page_payloads(self, document_id: str | None = None) -> list[dict[str, Any]]: ...
 
     def count_pages(self, document_id: str | None = None) -> int: ...

@@ -107,12 +107,17 @@ class EdgeVectorStore:
             shard.flush()
 
     def delete_document(self, document_id: str, below_version: int | None = None) -> None:
+        self.delete_documents([(document_id, below_version)])
+
+    def delete_documents(self, purges: Sequence[tuple[str, int | None]]) -> None:
         with self._lock:
-            if self._pages is None:
+            if self._pages is None or not purges:
                 return
-            self._pages.update(
-                edge.UpdateOperation.delete_points_by_filter(_document_filter(document_id, below_version))
-            )
+            for document_id, below_version in purges:
+                self._pages.update(
+                    edge.UpdateOperation.delete_points_by_filter(_document_filter(document_id, below_version))
+                )
+            # One flush for the whole batch: the sink writes many documents per batch.
             self._pages.flush()
 
     def page_payloads(self, document_id: str | None = None) -> list[dict[str, Any]]:

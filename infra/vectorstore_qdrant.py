@@ -146,6 +146,10 @@ class QdrantServerVectorStore:
             wait=True,
         )
 
+    def delete_documents(self, purges: Sequence[tuple[str, int | None]]) -> None:
+        for document_id, below_version in purges:
+            self.delete_document(document_id, below_version)
+
     def page_payloads(self, document_id: str | None = None) -> list[dict[str, Any]]:
         if not self._exists(self._pages):
             return []

@@ -40,7 +40,7 @@ class PageWriter(Protocol):
 
     def upsert_pages(self, points: Sequence[PagePoint]) -> None: ...
 
-    def delete_document(self, document_id: str, below_version: int | None = None) -> None: ...
+    def delete_documents(self, purges: Sequence[tuple[str, int | None]]) -> None: ...
 
     def get_records(self, document_ids: Sequence[str]) -> dict[str, DocumentRecord]: ...
 
@@ -102,11 +102,13 @@ class SinkCore:
                 outcome.dropped_stale += 1
 
         # 1. purge older versions / deleted documents
-        for doc_id, plan in plans.items():
-            if plan.purge_all:
-                self.store.delete_document(doc_id)
-            elif plan.purge_below is not None:
-                self.store.delete_document(doc_id, below_version=plan.purge_below)
+        purges = [
+            (doc_id, None if plan.purge_all else plan.purge_below)
+            for doc_id, plan in plans.items()
+            if plan.purge_all or plan.purge_below is not None
+        ]
+        if purges:
+            self.store.delete_documents(purges)
         # 2. write the pages of the surviving versions
         points = [p for plan in plans.values() for p in plan.upserts.values()]
         if points:

@@ -29,10 +29,11 @@ class MemoryPages:
         for p in points:
             self.points[(p.document_id, p.page_number)] = p
 
-    def delete_document(self, document_id: str, below_version: int | None = None) -> None:
-        for key, p in list(self.points.items()):
-            if p.document_id == document_id and (below_version is None or p.version < below_version):
-                del self.points[key]
+    def delete_documents(self, purges: Sequence[tuple[str, int | None]]) -> None:
+        for document_id, below_version in purges:
+            for key, p in list(self.points.items()):
+                if p.document_id == document_id and (below_version is None or p.version < below_version):
+                    del self.points[key]
 
     def get_records(self, document_ids: Sequence[str]) -> dict[str, DocumentRecord]:
         return {d: self.records[d].model_copy(deep=True) for d in document_ids if d in self.records}

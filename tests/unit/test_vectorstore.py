@@ -292,3 +292,23 @@ def test_open_vector_store_picks_server_when_url_set() -> None:
         assert isinstance(store, QdrantServerVectorStore)
     finally:
         store.close()
+
+
+def test_delete_documents_purges_many_documents_in_one_call(tmp_path: Path) -> None:
+    from colstream.infra.settings import QdrantSettings
+    from colstream.infra.vectorstore import open_vector_store
+
+    store = open_vector_store(QdrantSettings(path=tmp_path / "q"))
+    store.ensure_collections()
+    rng = np.random.default_rng(3)
+
+    def point(doc: str, version: int, page: int) -> PagePoint:
+        return PagePoint(document_id=doc, version=version, page_number=page, total_pages=3, filename=None,
+                         blob_uri=None, model="m", vectors=rng.normal(size=(4, 128)).astype(np.float32))
+
+    store.upsert_pages([point("a", 1, 1), point("a", 1, 2), point("b", 1, 1), point("b", 5, 2), point("c", 1, 1)])
+    store.delete_documents([("a", None), ("b", 5)])
+    assert store.count_pages("a") == 0
+    assert [p["page_number"] for p in store.page_payloads("b")] == [2]
+    assert store.count_pages("c") == 1
+    store.close()
