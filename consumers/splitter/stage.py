@@ -170,7 +170,9 @@ def build_splitter(settings: ColstreamSettings, *, render_processes: int = 2) ->
         handler,
         topics=[settings.topics.uploads],
         group_id=f"{settings.consumer_group_prefix}splitter",
-        batch_size=8,
+        # One upload per batch: a rebalance waits for the batch in flight, so this
+        # bounds that wait by one document (max_pages), not eight.
+        batch_size=1,
         batch_timeout_ms=50,
         max_in_flight=1,
     )
