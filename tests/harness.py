@@ -56,8 +56,9 @@ def read_all(settings: ColstreamSettings, topic: str, timeout_s: float = 10.0) -
                 continue
             key = msg.key()
             out.append((key.decode() if key is not None else None, msg.value()))
-            if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                ends.pop(msg.partition(), None)
+            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
+            if offset + 1 >= ends.get(partition, 0):
+                ends.pop(partition, None)
         return out
     finally:
         consumer.close()
