@@ -94,9 +94,9 @@ class RunningStage:
         """Until ``records`` inputs were consumed and every batch of them committed."""
         deadline = time.monotonic() + timeout_s
         stats = self.runner.stats
-        while not (stats.records_in >= records and stats.commits >= stats.batches):
+        while not (stats.records_in >= records and stats.batches_committed >= stats.batches):
             self._check(deadline, f"{records} records committed (have {stats.records_in} in, "
-                                  f"{stats.commits}/{stats.batches} batches committed)")
+                                  f"{stats.batches_committed}/{stats.batches} batches committed)")
             time.sleep(0.002)
         return time.perf_counter()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,9 @@ class OutRecord:
     key: str | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
+
+
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
 
 
 class DeliveryFailed(RuntimeError):
@@ -64,7 +67,7 @@ class ProducerClient:
                 self._producer = Producer({**self._settings.kafka.producer_config(), **self._extra})
             return self._producer
 
-    def send(self, record: OutRecord) -> None:
+    def send(self, record: OutRecord, on_delivery: DeliveryCallback | None = None) -> None:
         while True:
             try:
                 self.producer.produce(
@@ -72,7 +75,7 @@ class ProducerClient:
                     key=record.key.encode("utf-8") if record.key is not None else None,
                     value=record.value,
                     headers=list(record.headers) or None,
-                    on_delivery=self._tracker.callback,
+                    on_delivery=on_delivery or self._tracker.callback,
                 )
                 break
             except BufferError:
@@ -121,6 +124,11 @@ class ProducerClient:
         errors = self._tracker.take_errors()
         if errors:
             raise DeliveryFailed("broker refused records: " + "; ".join(errors[:5]))
+
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Serve delivery callbacks."""
+        if self._producer is not None:
+            self._producer.poll(timeout_s)
 
     def close(self) -> None:
         if self._producer is not None:

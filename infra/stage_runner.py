@@ -29,7 +29,7 @@ from typing import Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from colstream.infra.kafka import OutRecord, ProducerClient
+from colstream.infra.kafka import DeliveryFailed, OutRecord, ProducerClient
 from colstream.infra.settings import ColstreamSettings
 from colstream.schemas import DeadLetter, RecordPosition, encode
 
@@ -45,6 +45,13 @@ class RawRecord:
 
 
 Emit = Callable[[OutRecord], None]
+
+# Batches allowed to wait for broker acknowledgements beyond those being processed.
+_MAX_AWAITING_ACKS = 4
+# Consumed batches held locally before the partitions are paused, and the level at
+# which they are resumed.
+_READY_HIGH = 3
+_READY_LOW = 1
 
 
 class StageHandler(Protocol):
@@ -101,6 +108,7 @@ class StageStats:
     records_in: int = 0
     records_out: int = 0
     commits: int = 0
+    batches_committed: int = 0
     last_commit_at: float | None = None
     started_at: float = field(default_factory=time.time)
 
@@ -110,6 +118,7 @@ class StageStats:
             "records_in": self.records_in,
             "records_out": self.records_out,
             "commits": self.commits,
+            "batches_committed": self.batches_committed,
             "last_commit_at": self.last_commit_at,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
@@ -117,8 +126,28 @@ class StageStats:
 
 @dataclass
 class _InFlight:
+    """One batch: handed to the handler, then its outputs produced, then committed."""
+
     records: list[RawRecord]
-    future: Future[list[OutRecord]]
+    future: Future[list[OutRecord]] | None = None
+    produced: bool = False
+    unacked: int = 0
+    errors: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def sent(self) -> None:
+        with self.lock:
+            self.unacked += 1
+
+    def acked(self, err: KafkaError | None, msg: Message) -> None:
+        with self.lock:
+            self.unacked -= 1
+            if err is not None:
+                self.errors.append(f"{msg.topic()}: {err.str()}")
+
+    @property
+    def durable(self) -> bool:
+        return self.produced and self.unacked == 0
 
 
 class StageRunner:
@@ -149,6 +178,7 @@ class StageRunner:
         self._in_flight: deque[_InFlight] = deque()
         self._consumer: Consumer | None = None
         self._paused = False
+        self._last_committed: dict[tuple[str, int], TopicPartition] = {}
         # Consumed but not yet handed to the handler (at most about one batch).
         self._ready: deque[list[RawRecord]] = deque()
         self.assigned: set[tuple[str, int]] = set()
@@ -178,37 +208,60 @@ class StageRunner:
                 log.warning("%s: consumer close: %s", self.handler.name, exc)
             self.handler.close()
 
+    def _has_capacity(self) -> bool:
+        # Batches whose outputs are only waiting for broker acks no longer hold the
+        # handler; a few of them may queue up behind it.
+        busy = sum(1 for item in self._in_flight if not item.produced)
+        return busy < self.max_in_flight and len(self._in_flight) < self.max_in_flight + _MAX_AWAITING_ACKS
+
     def _step(self, consumer: Consumer) -> None:
         self._settle_done()
-        if self._ready and len(self._in_flight) < self.max_in_flight:
+        while self._ready and self._has_capacity():
             self._submit(self._ready.popleft())
-        if len(self._in_flight) >= self.max_in_flight and self._ready:
-            # Full: one batch waits locally, the rest stays on the broker. Pausing only
-            # now (not after every batch) matters: a pause drops what the client had
-            # prefetched, and the refetch after resume can wait out fetch.wait.max.ms.
+        # Hysteresis: pause with a few batches ready locally, resume when down to one.
+        # A pause drops what the client had prefetched and the refetch after a resume
+        # takes a round trip or more, so pausing per batch would starve the handler.
+        if len(self._ready) >= _READY_HIGH:
             self._pause(consumer)
+        elif len(self._ready) <= _READY_LOW:
+            self._resume(consumer)
+        if self._paused:
+            # Sleep until the handler finishes something (or acks arrive), without
+            # holding the GIL that the handler's own threads need.
+            working = next((i.future for i in self._in_flight if not i.produced and i.future), None)
+            if working is not None and not working.done():
+                wait([working], timeout=0.05)
+                self.producer.poll(0)
+            else:
+                self.producer.poll(0.05)
             # Still poll: that is what keeps this member in the group while it works.
-            message = consumer.poll(0.05)
+            message = consumer.poll(0.0)
             if message is not None and (record := self._to_record(message)) is not None:
                 self._ready.append([record])
             return
-        self._resume(consumer)
         # While work is in flight, come back quickly to hand over finished batches.
-        timeout = self.batch_timeout_s if not self._in_flight else min(self.batch_timeout_s, 0.02)
+        timeout = self.batch_timeout_s if not self._in_flight else min(self.batch_timeout_s, 0.01)
         messages = consumer.consume(num_messages=self.batch_size, timeout=timeout)
         records = [r for r in (self._to_record(m) for m in messages) if r is not None]
         if records:
-            if len(self._in_flight) < self.max_in_flight:
+            if self._has_capacity():
                 self._submit(records)
             else:
                 self._ready.append(records)
-        self.producer.producer.poll(0)
+        self.producer.poll(0)
 
     def _submit(self, records: list[RawRecord]) -> None:
         self.stats.batches += 1
         self.stats.records_in += len(records)
-        future = self.handler.submit(records, self.producer.send)
-        self._in_flight.append(_InFlight(records, future))
+        item = _InFlight(records)
+
+        def emit(record: OutRecord) -> None:
+            # Records a handler emits while it works count towards its batch's commit.
+            item.sent()
+            self.producer.send(record, on_delivery=item.acked)
+
+        item.future = self.handler.submit(records, emit)
+        self._in_flight.append(item)
 
     def _to_record(self, message: Message) -> RawRecord | None:
         err = message.error()
@@ -228,33 +281,66 @@ class StageRunner:
         )
 
     # -- completion, produce, commit ------------------------------------------------
-    def _settle_done(self, wait: bool = False) -> None:
-        while self._in_flight and (wait or self._in_flight[0].future.done()):
-            head = self._in_flight[0]
-            outputs = head.future.result()  # a handler bug surfaces here and stops the stage
-            self.producer.send_all(outputs)
-            self.producer.flush_or_raise()
-            self._commit(head.records)
+    def _settle_done(self, block: bool = False) -> None:
+        """Produce the outputs of finished batches, in order, and commit every batch whose
+        outputs the broker has acknowledged. Nothing here blocks unless ``block``: acks
+        arrive through the producer's callbacks while the loop keeps polling."""
+        for item in self._in_flight:
+            if item.produced:
+                continue
+            assert item.future is not None
+            if not (block or item.future.done()):
+                break  # keep output order: a later batch waits for an earlier one
+            outputs = item.future.result()  # a handler bug surfaces here and stops the stage
+            for record in outputs:
+                item.sent()
+                self.producer.send(record, on_delivery=item.acked)
+            item.produced = True
             self.stats.records_out += len(outputs)
-            self._in_flight.popleft()
+        self.producer.poll(0)
+        if block:
+            deadline = time.monotonic() + 120
+            while any(not i.durable for i in self._in_flight):
+                if time.monotonic() > deadline:
+                    raise DeliveryFailed("outputs not acknowledged within 120 s")
+                self.producer.poll(0.05)
+        committable: list[_InFlight] = []
+        while self._in_flight and self._in_flight[0].durable:
+            head = self._in_flight.popleft()
+            if head.errors:
+                raise DeliveryFailed("broker refused records: " + "; ".join(head.errors[:5]))
+            committable.append(head)
+        if committable:
+            self._commit([r for item in committable for r in item.records], synchronous=block)
+            self.stats.batches_committed += len(committable)
 
-    def _commit(self, records: Sequence[RawRecord]) -> None:
+    def _commit(self, records: Sequence[RawRecord], synchronous: bool = False) -> None:
         highest: dict[tuple[str, int], int] = {}
         for r in records:
             key = (r.position.topic, r.position.partition)
             highest[key] = max(highest.get(key, -1), r.position.offset)
         offsets = [TopicPartition(t, p, o + 1) for (t, p), o in highest.items()]
+        self._commit_offsets(offsets, synchronous)
+        for tp in offsets:
+            self._last_committed[(tp.topic, tp.partition)] = tp
+
+    def _commit_offsets(self, offsets: list[TopicPartition], synchronous: bool) -> None:
         assert self._consumer is not None
         delay = 0.2
         while True:
             try:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
+                # Asynchronous in the steady state (librdkafka keeps commit order, and a
+                # later commit covers a failed earlier one); synchronous on revoke and stop.
+                if synchronous:
+                    self._consumer.commit(offsets=offsets, asynchronous=False)
+                else:
+                    self._consumer.commit(offsets=offsets, asynchronous=True)
                 break
             except KafkaException as exc:
                 code = exc.args[0].code()
                 if code in (KafkaError._NO_OFFSET, KafkaError.UNKNOWN_MEMBER_ID,
                             KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS,
-                            KafkaError._ASSIGNMENT_LOST):
+                            KafkaError._ASSIGNMENT_LOST, KafkaError._STATE):
                     # Partitions moved on: the new owner replays from the last commit and
                     # the writes are idempotent, so nothing is lost.
                     log.warning("%s: commit skipped after rebalance: %s", self.handler.name, exc)
@@ -287,7 +373,7 @@ class StageRunner:
         # Finish what is in flight and commit it before the partitions go, so the next
         # owner does not redo it. Bounded by one batch's processing time.
         try:
-            self._settle_done(wait=True)
+            self._settle_done(block=True)
         except Exception:
             log.exception("%s: could not settle in-flight work on revoke", self.handler.name)
             raise
@@ -298,6 +384,8 @@ class StageRunner:
         owner resumes from our last commit, so they are not lost."""
         gone = {(p.topic, p.partition) for p in partitions}
         self.assigned -= gone
+        for key in gone:
+            self._last_committed.pop(key, None)
         kept = [[r for r in batch if (r.position.topic, r.position.partition) not in gone] for batch in self._ready]
         self._ready = deque(batch for batch in kept if batch)
 
@@ -310,12 +398,15 @@ class StageRunner:
         deadline = time.monotonic() + self.shutdown_grace_s
         while self._in_flight and time.monotonic() < deadline:
             self._settle_done()
-            if self._in_flight:
-                wait([self._in_flight[0].future], timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+            self.producer.poll(0.05)
         if self._in_flight:
             # Abandoned without a commit: the group replays them after restart.
             log.warning("%s: abandoning %d in-flight batches uncommitted at shutdown",
                         self.handler.name, len(self._in_flight))
             for item in self._in_flight:
-                item.future.cancel()
+                if item.future is not None:
+                    item.future.cancel()
+        if self._last_committed:
+            # Make sure the asynchronous commits landed before leaving the group.
+            self._commit_offsets(list(self._last_committed.values()), synchronous=True)
         self.producer.close()

@@ -142,5 +142,5 @@ def build_embedder(settings: ColstreamSettings) -> StageRunner:
         batch_size=settings.model.batch_size,
         batch_timeout_ms=settings.model.batch_timeout_ms,
         # One batch on the device, one being preprocessed.
-        max_in_flight=2,
+        max_in_flight=4,
     )

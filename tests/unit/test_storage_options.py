@@ -99,7 +99,7 @@ class _RecordingStore:
     def upsert_pages(self, points: Any) -> None:
         self.points.extend(points)
 
-    def delete_document(self, document_id: str, below_version: int | None = None) -> None:
+    def delete_documents(self, purges: Any) -> None:
         pass
 
     def get_records(self, document_ids: Any) -> dict[str, DocumentRecord]:
