@@ -32,8 +32,6 @@ reported beside it (Edge preallocates it, so it grows in steps, not per page).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import _common  # the benchmarks' shared helpers (bench/_common.py)
 import numpy as np
 
 from colstream.infra.settings import QdrantSettings
@@ -193,20 +192,6 @@ def query_interleaved(built: list[Built], queries: list[np.ndarray]) -> tuple[li
     return measured, tops
 
 
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()
-    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, CPU only, "
-            f"load average {load[0]:.1f} at start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pages", type=int, default=300)
@@ -222,7 +207,7 @@ def main() -> None:
     tokens = statistics.mean(p.vectors.shape[0] for p in pages)
     print(f"# storage options: {args.pages} pages x {tokens:.0f} tokens x {DIM}, {args.queries} queries "
           f"of {QUERY_TOKENS} tokens, top 10, Qdrant Edge")
-    print(f"# machine: {machine()}")
+    print(f"# machine: {_common.machine()}")
     # Import and first-call costs (torch, scipy, Edge) stay out of the write timings.
     hierarchical_pool(pages[0].vectors, 3)
     with tempfile.TemporaryDirectory(prefix="colstream-storage-") as tmp:

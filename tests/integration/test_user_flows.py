@@ -214,6 +214,16 @@ def _eventgrid_event(event_type: str, url: str, container: str, blob: str, seque
     }
 
 
+def azurite_env(azurite) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Settings, as a user would export them, that point colstream at the emulator."""
+    return {
+        "COLSTREAM_BLOB__AZURE_AUTH": "connection_string",
+        "COLSTREAM_BLOB__AZURE_CONNECTION_STRING": azurite.connection_string,
+        "COLSTREAM_BLOB__AZURE_ENDPOINTS": json.dumps({azurite.account_name: azurite.blob_endpoint}),
+        "COLSTREAM_BLOB__AZURE_ACCOUNTS": json.dumps([azurite.account_name]),
+    }
+
+
 @pytest.mark.azurite
 def test_blob_dropped_in_azurite_and_announced_by_event_grid_is_indexed_then_removed(
     pipeline_settings: ColstreamSettings, azurite, tmp_path: Path  # type: ignore[no-untyped-def]
@@ -226,12 +236,7 @@ def test_blob_dropped_in_azurite_and_announced_by_event_grid_is_indexed_then_rem
     service.create_container(container)
     service.get_blob_client(container, "reports/q3.pdf").upload_blob(make_pdf(4))
     url = f"{azurite.blob_endpoint}/{container}/reports/q3.pdf"
-    env = {
-        "COLSTREAM_BLOB__AZURE_AUTH": "connection_string",
-        "COLSTREAM_BLOB__AZURE_CONNECTION_STRING": azurite.connection_string,
-        "COLSTREAM_BLOB__AZURE_ENDPOINTS": json.dumps({azurite.account_name: azurite.blob_endpoint}),
-        "COLSTREAM_BLOB__AZURE_ACCOUNTS": json.dumps([azurite.account_name]),
-    }
+    env = azurite_env(azurite)
     with run_all(settings, tmp_path / "run-all.log", env) as api:
         # the subscription handshake first, as Event Grid does when the webhook is registered
         handshake = httpx.post(f"{api}/eventgrid", timeout=10, json=[{
@@ -272,10 +277,7 @@ def test_publish_upload_of_a_local_file_to_an_azure_container(
     pdf.write_bytes(make_pdf(2))
     container = f"up-{uuid.uuid4().hex[:8]}"
     env = {
-        "COLSTREAM_BLOB__AZURE_AUTH": "connection_string",
-        "COLSTREAM_BLOB__AZURE_CONNECTION_STRING": azurite.connection_string,
-        "COLSTREAM_BLOB__AZURE_ENDPOINTS": json.dumps({azurite.account_name: azurite.blob_endpoint}),
-        "COLSTREAM_BLOB__AZURE_ACCOUNTS": json.dumps([azurite.account_name]),
+        **azurite_env(azurite),
         "COLSTREAM_BLOB__AZURE_UPLOAD_CONTAINER": container,
         "COLSTREAM_BLOB__AZURE_UPLOAD_ACCOUNT": azurite.account_name,
     }
