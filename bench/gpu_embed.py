@@ -237,8 +237,6 @@ def colpali_flops_per_page(config: Any, seq_len: int, logits_kept: int = 1) -> f
 
 
 def flops_for_pages(model: EmbeddingModel, sizes: list[tuple[int, int]]) -> list[float]:
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
     sample = model.preprocess_images([Image.new("RGB", sizes[0], "white")])
     seq_len = int(sample.tensors["attention_mask"][0].sum())
     config = model.model.config
@@ -246,19 +244,12 @@ def flops_for_pages(model: EmbeddingModel, sizes: list[tuple[int, int]]) -> list
         return [colpali_flops_per_page(config, seq_len)] * len(sizes)
     image_tokens = int((sample.tensors["input_ids"][0] == config.image_token_id).sum())
     text_tokens = seq_len - image_tokens
-    image_processor = model.processor.image_processor
-    patch = image_processor.patch_size
-    factor = patch * image_processor.merge_size
     flops = []
     for width, height in sizes:
-        h, w = smart_resize(
-            height,
-            width,
-            factor=factor,
-            min_pixels=image_processor.size["shortest_edge"],
-            max_pixels=image_processor.size["longest_edge"],
-        )
-        flops.append(colqwen2_flops_per_page(config, h // patch, w // patch, text_tokens))
+        grid = model.patch_grid(width, height)
+        if grid is None:
+            raise ValueError(f"page size {width}x{height} cannot be preprocessed")
+        flops.append(colqwen2_flops_per_page(config, grid[0], grid[1], text_tokens))
     return flops
 
 

@@ -19,9 +19,6 @@ from colstream.infra.settings import ColstreamSettings
 
 log = logging.getLogger("colstream")
 
-REPO_SAMPLES = Path(__file__).resolve().parent.parent / "samples"
-
-
 def _settings() -> ColstreamSettings:
     return ColstreamSettings()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,10 +44,6 @@ def use_tiny_model(settings: ColstreamSettings) -> Path:
     log.warning("model: %s tiny checkpoint at %s (RANDOM WEIGHTS, for offline demos and tests)",
                 settings.model.family, path)
     return path
-
-
-def model_is_offline_default(settings: ColstreamSettings) -> bool:
-    return settings.model.name_or_path is None and os.environ.get("HF_HUB_OFFLINE") == "1"
 
 
 @dataclass

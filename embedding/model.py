@@ -118,21 +118,29 @@ class EmbeddingModel:
         """Sequence length a page of this size becomes; used to bucket similar pages."""
         if self.family != "colqwen2":
             return int(getattr(self.processor, "image_seq_length", 0))
+        grid = self.patch_grid(width, height)
+        if grid is None:
+            return 0  # extreme aspect ratio: the processor will reject it, bucket anywhere
+        merge = self.processor.image_processor.merge_size
+        return (grid[0] // merge) * (grid[1] // merge)
+
+    def patch_grid(self, width: int, height: int) -> tuple[int, int] | None:
+        """ColQwen2: (rows, cols) of vision patches the processor makes of a page this size."""
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
         image_processor = self.processor.image_processor
-        factor = image_processor.patch_size * image_processor.merge_size
+        patch = image_processor.patch_size
         try:
             h, w = smart_resize(
                 height,
                 width,
-                factor=factor,
+                factor=patch * image_processor.merge_size,
                 min_pixels=image_processor.size["shortest_edge"],
                 max_pixels=image_processor.size["longest_edge"],
             )
         except ValueError:
-            return 0  # extreme aspect ratio: the processor will reject it, bucket anywhere
-        return (h // factor) * (w // factor)
+            return None
+        return h // patch, w // patch
 
     @staticmethod
     def _to_inputs(batch: Mapping[str, Any], size: int) -> ModelInputs:

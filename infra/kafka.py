@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,10 +105,6 @@ class ProducerClient:
         if acked["err"] is not None:
             raise DeliveryFailed(f"{record.topic}: {acked['err'].str()}")
         return int(acked["partition"]), int(acked["offset"])
-
-    def send_all(self, records: Iterable[OutRecord]) -> None:
-        for record in records:
-            self.send(record)
 
     def flush_or_raise(self, timeout_s: float = 120.0) -> None:
         """Return only once the broker acknowledged every record sent so far."""
