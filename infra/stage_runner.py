@@ -365,8 +365,13 @@ class StageRunner:
     # -- rebalance -------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
+        # librdkafka remembers a pause per partition even across a loss and
+        # reassignment, so state it explicitly: a partition paused before it was lost
+        # would otherwise come back paused and never be fetched again.
         if self._paused:
             consumer.pause(partitions)
+        else:
+            consumer.resume(partitions)
         log.info("%s: assigned %s", self.handler.name, [(p.topic, p.partition) for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
