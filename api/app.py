@@ -233,7 +233,7 @@ def create_app(
         yield
         for holder in (ctx.publisher, ctx.store, ctx.blob_store, ctx.model):
             try:
-                holder.close()  # type: ignore[attr-defined]
+                holder.close()
             except Exception:
                 log.exception("closing %s failed", holder)
 

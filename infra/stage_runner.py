@@ -273,10 +273,13 @@ class StageRunner:
             return None
         key = message.key()
         ts_type, ts = message.timestamp()
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        # A consumed message without an error always carries its position.
+        assert topic is not None and partition is not None and offset is not None
         return RawRecord(
             key=key.decode("utf-8", errors="replace") if key is not None else None,
             value=message.value(),
-            position=RecordPosition(message.topic(), message.partition(), message.offset()),
+            position=RecordPosition(topic, partition, offset),
             timestamp_ms=ts if ts_type else None,
         )
 

@@ -138,7 +138,7 @@ class EdgeVectorStore:
         if self._pages is None or limit <= 0:
             return []
         shard, layout = self._pages_shard()
-        vectors = check_query(query, layout.dim)
+        vectors = check_query(query, layout.dim).tolist()
         filter_ = _document_filter(document_id) if document_id is not None else None
         if prefetch and self._settings.mean_pooled_prefetch and layout.named:
             # First stage on the small row and column multivectors, then exact MaxSim

@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export COLSTREAM_STATE_DIR="${COLSTREAM_STATE_DIR:-$PWD/.colstream/test}"
 echo "== ruff";  .venv/bin/ruff check .
-echo "== mypy";  .venv/bin/mypy schemas infra consumers producers embedding api cli
+echo "== mypy";  .venv/bin/mypy -p colstream
 echo "== pytest"; .venv/bin/python -m pytest -q -ra "$@"

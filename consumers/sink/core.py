@@ -127,7 +127,7 @@ class SinkCore:
                     DocumentIndexed(
                         document_id=rec.document_id,
                         version=rec.version,
-                        state=rec.state,  # type: ignore[arg-type]
+                        state=rec.state,
                         total_pages=rec.total_pages,
                         indexed_pages=len(rec.indexed_pages),
                         failed_pages=sorted(rec.failed_pages),

@@ -14,7 +14,7 @@ from concurrent.futures import Future
 
 import numpy as np
 
-from colstream.consumers.sink.core import SinkCore, VectorsMessage
+from colstream.consumers.sink.core import SinkCore, SinkOutcome, VectorsMessage
 from colstream.infra.kafka import OutRecord
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_runner import Emit, RawRecord, StageRunner, dead_letter
@@ -97,7 +97,7 @@ class SinkHandler:
             )
         return outputs
 
-    def _apply_with_retry(self, messages: list[VectorsMessage]):  # type: ignore[no-untyped-def]
+    def _apply_with_retry(self, messages: list[VectorsMessage]) -> SinkOutcome:
         # A store outage is not the documents' fault: retry with backoff, and if it
         # persists let the stage stop uncommitted so a restart replays the batch.
         delay = 0.5

@@ -129,7 +129,7 @@ class SplitterHandler:
             total_pages=total_pages,
             width=page.width,
             height=page.height,
-            image_format=page.image_format,  # type: ignore[arg-type]
+            image_format=page.image_format,
             image_b64=image_b64,
             image_ref=image_ref,
         )

@@ -437,4 +437,4 @@ def _make_context(start_method: str | None) -> BaseContext:
         # Workers fork from a server that already imported PDFium and Pillow: fast replacement
         # after a kill. Takes effect only if the server has not started yet; harmless otherwise.
         context.set_forkserver_preload(["colstream.consumers.splitter.render"])
-    return context  # type: ignore[no-any-return]
+    return context
