@@ -4,6 +4,10 @@ Everything reads ``COLSTREAM_*`` environment variables (nested with ``__``, e.g.
 ``COLSTREAM_KAFKA__LINGER_MS=50``). Two well-known variables win over the
 prefixed ones because platform teams already export them:
 ``KAFKA_BOOTSTRAP_SERVERS`` and ``QDRANT_URL``.
+
+Settings are resolved once and frozen: nothing changes them at run time. A caller
+that needs a variation (a test's topics, the broker the CLI just started, a tiny
+model) derives a new object with :meth:`ColstreamSettings.updated`.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,7 +25,13 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("COLSTREAM_STATE_DIR", Path.cwd() / ".colstream")).resolve()
 
 
-class KafkaSettings(BaseModel):
+class Section(BaseModel):
+    """A frozen group of settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class KafkaSettings(Section):
     # None means "nobody configured a broker": the CLI may then start or reuse the
     # local development broker. An explicit value always wins.
     bootstrap_servers: str | None = None
@@ -99,7 +109,7 @@ class KafkaSettings(BaseModel):
         }
 
 
-class TopicSettings(BaseModel):
+class TopicSettings(Section):
     uploads: str = "documents.uploads"
     pages: str = "documents.pages"
     vectors: str = "documents.vectors"
@@ -119,7 +129,7 @@ class TopicSettings(BaseModel):
         return [self.uploads, self.pages, self.vectors, self.indexed, self.dlq]
 
 
-class BlobSettings(BaseModel):
+class BlobSettings(Section):
     # Local paths published with `colstream publish upload` are copied here when no
     # Azure container is configured; `file://` URIs are only honoured under it.
     local_root: Path = Field(default_factory=lambda: default_state_dir() / "blobs")
@@ -145,7 +155,7 @@ class BlobSettings(BaseModel):
     azure_timeout_s: float = 60.0
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(Section):
     max_blob_bytes: int = 256 * 1024 * 1024
     max_pages: int = 2_000
     # Decompression bombs: refuse before decoding anything this large.
@@ -154,7 +164,7 @@ class LimitSettings(BaseModel):
     render_timeout_s: float = 30.0
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Section):
     # "colqwen2" or "colpali"; the id/path is passed to from_pretrained as-is.
     family: Literal["colqwen2", "colpali"] = "colqwen2"
     name_or_path: str | None = None
@@ -168,7 +178,7 @@ class ModelSettings(BaseModel):
     attn_implementation: str | None = None
 
 
-class QdrantSettings(BaseModel):
+class QdrantSettings(Section):
     url: str | None = None
     api_key: SecretStr | None = None
     path: Path = Field(default_factory=lambda: default_state_dir() / "qdrant")
@@ -180,13 +190,13 @@ class QdrantSettings(BaseModel):
     mean_pooled_prefetch: bool = False
 
 
-class ApiSettings(BaseModel):
+class ApiSettings(Section):
     host: str = "0.0.0.0"
     port: int = 8000
     public_url: str = "http://127.0.0.1:8000"
 
 
-class EventGridSettings(BaseModel):
+class EventGridSettings(Section):
     # Rule for document_id from a blob URL: "{container}/{blob}" by default.
     document_id_template: str = "{container}/{blob}"
     dedupe_capacity: int = 100_000
@@ -205,9 +215,48 @@ class EventGridSettings(BaseModel):
     ignored_created_apis: list[str] = Field(default_factory=lambda: ["CreateFile"])
 
 
+class SplitterSettings(Section):
+    # Render worker processes (PDFium is not thread-safe): about one per core.
+    render_processes: int = Field(default=2, ge=1)
+    # One upload per batch bounds what a rebalance waits for.
+    batch_size: int = Field(default=1, ge=1)
+    batch_timeout_ms: int = Field(default=50, ge=1)
+    max_in_flight: int = Field(default=1, ge=1)
+
+
+class EmbedderSettings(Section):
+    # The micro-batch size and its timeout are the model's (``model.batch_size``);
+    # this many batches may be in flight, so preprocessing overlaps the forward pass.
+    max_in_flight: int = Field(default=4, ge=1)
+
+
+class SinkSettings(Section):
+    batch_size: int = Field(default=64, ge=1)
+    batch_timeout_ms: int = Field(default=100, ge=1)
+    max_in_flight: int = Field(default=1, ge=1)
+
+
+class ShutdownSettings(Section):
+    # On SIGTERM a stage stops polling and gives in-flight work this long before it
+    # leaves uncommitted work to be replayed. Pod grace periods must exceed it.
+    grace_s: float = Field(default=20.0, gt=0)
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 class ColstreamSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="COLSTREAM_", env_nested_delimiter="__", extra="ignore", populate_by_name=True
+        env_prefix="COLSTREAM_", env_nested_delimiter="__", extra="ignore", populate_by_name=True, frozen=True
     )
 
     state_dir: Path = Field(default_factory=default_state_dir)
@@ -221,6 +270,10 @@ class ColstreamSettings(BaseSettings):
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     eventgrid: EventGridSettings = Field(default_factory=EventGridSettings)
+    splitter: SplitterSettings = Field(default_factory=SplitterSettings)
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+    sink: SinkSettings = Field(default_factory=SinkSettings)
+    shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
 
     # Unprefixed names that win: see module docstring.
     kafka_bootstrap_servers: str | None = Field(
@@ -230,12 +283,25 @@ class ColstreamSettings(BaseSettings):
     qdrant_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("QDRANT_API_KEY"))
 
     def model_post_init(self, __context: Any) -> None:
+        # Fold the well-known variables into their sections once, at construction, and
+        # clear them so that :meth:`updated` never re-applies them over a change.
         if self.kafka_bootstrap_servers:
-            self.kafka.bootstrap_servers = self.kafka_bootstrap_servers
+            self._fold("kafka", bootstrap_servers=self.kafka_bootstrap_servers)
         if self.qdrant_url:
-            self.qdrant.url = self.qdrant_url
+            self._fold("qdrant", url=self.qdrant_url)
         if self.qdrant_api_key is not None:
-            self.qdrant.api_key = self.qdrant_api_key
+            self._fold("qdrant", api_key=self.qdrant_api_key)
+        for name in ("kafka_bootstrap_servers", "qdrant_url", "qdrant_api_key"):
+            object.__setattr__(self, name, None)
+
+    def _fold(self, section: str, **values: Any) -> None:
+        object.__setattr__(self, section, getattr(self, section).model_copy(update=values))
+
+    def updated(self, **changes: Any) -> Self:
+        """A new frozen settings object with ``changes`` merged in, section by section,
+        e.g. ``settings.updated(kafka={"linger_ms": 5}, state_dir=path)``. Values are
+        validated like the environment's; the environment is not read again."""
+        return self.model_validate(_merge(self.model_dump(), changes))
 
 
 @lru_cache(maxsize=1)
