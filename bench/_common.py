@@ -48,18 +48,17 @@ def bootstrap_servers() -> str:
 def bench_settings(tag: str, bootstrap: str, *, partitions: int = 3, create_topics: bool = True) -> ColstreamSettings:
     """Shipped defaults (linger, batch sizes, model settings) with a private topic set, groups and state dir."""
     run = f"{tag}-{uuid.uuid4().hex[:6]}"
-    settings = ColstreamSettings()
-    settings.state_dir = STATE / "runs" / run
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    settings.kafka.bootstrap_servers = bootstrap
-    settings.consumer_group_prefix = f"b{run}-"
-    for name in ("uploads", "pages", "vectors", "indexed", "dlq"):
-        setattr(settings.topics, name, f"bench.{run}.{name}")
-    settings.topics.partitions = partitions
-    settings.blob.local_root = settings.state_dir / "blobs"
-    settings.blob.local_root.mkdir(parents=True, exist_ok=True)
-    settings.qdrant.path = settings.state_dir / "qdrant"
-    settings.qdrant.url = None
+    state = STATE / "runs" / run
+    (state / "blobs").mkdir(parents=True, exist_ok=True)
+    settings = ColstreamSettings().updated(
+        state_dir=state,
+        kafka={"bootstrap_servers": bootstrap},
+        consumer_group_prefix=f"b{run}-",
+        topics={**{name: f"bench.{run}.{name}" for name in ("uploads", "pages", "vectors", "indexed", "dlq")},
+                "partitions": partitions},
+        blob={"local_root": state / "blobs"},
+        qdrant={"path": state / "qdrant", "url": None},
+    )
     if create_topics:
         from colstream.infra.kafka import ensure_topics
 

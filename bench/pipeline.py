@@ -33,7 +33,7 @@ from typing import Any
 import _common
 from _common import Report, Row, log, percentile, spread
 
-from colstream.cli.main import _build_stage
+from colstream.app import StageName, build_stage
 from colstream.embedding.tiny import ensure_tiny_checkpoint
 from colstream.infra.kafka import OutRecord, ProducerClient
 from colstream.infra.settings import ColstreamSettings
@@ -65,9 +65,9 @@ class TimedHandler:
 
 
 class RunningStage:
-    def __init__(self, name: str, settings: ColstreamSettings, store: Any) -> None:
+    def __init__(self, name: StageName, settings: ColstreamSettings, store: Any) -> None:
         self.name = name
-        self.runner: StageRunner = _build_stage(name, settings, store)
+        self.runner: StageRunner = build_stage(name, settings, store)
         self.timed = TimedHandler(self.runner.handler)
         self.runner.handler = self.timed
         self.failure: BaseException | None = None
@@ -249,9 +249,7 @@ def main() -> None:
     model_path = ensure_tiny_checkpoint("colqwen2", _common.STATE / "models")
 
     def fresh(tag: str) -> ColstreamSettings:
-        settings = _common.bench_settings(tag, bootstrap)
-        settings.model.name_or_path = str(model_path)
-        return settings
+        return _common.bench_settings(tag, bootstrap).updated(model={"name_or_path": str(model_path)})
 
     log(f"{docs} PDFs x {pages} pages, tiny ColQwen2 (random weights, CPU), Qdrant Edge, {repeats} repeat(s)")
     alone_runs: list[dict[str, dict[str, Any]]] = []

@@ -75,7 +75,7 @@ STORED: dict[str, float] = {}
 
 def run_sink(settings: ColstreamSettings, records: list[RawRecord], path: Path) -> float:
     shutil.rmtree(path, ignore_errors=True)
-    settings.qdrant.path = path
+    settings = settings.updated(qdrant={"path": path})
     store = EdgeVectorStore(settings.qdrant)
     store.ensure_collections()
     pages_dir = path / settings.qdrant.collection

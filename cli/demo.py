@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from colstream.cli.runtime import local_kafka, use_tiny_model
+from colstream.app import load_settings, local_kafka, start_pipeline, with_tiny_model
 from colstream.infra.settings import ColstreamSettings
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
@@ -46,20 +46,21 @@ def wait_until_settled(store: Any, versions: dict[str, int], timeout_s: float) -
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from colstream.cli.main import document_row, print_documents, start_pipeline
+    from colstream.cli.main import document_row, print_documents
     from colstream.producers.publisher import UploadPublisher
 
-    settings = ColstreamSettings()
+    settings = load_settings()
     started_broker = not settings.kafka.bootstrap_servers and not local_kafka(settings).is_running()
     if not args.real_model:
-        use_tiny_model(settings)
+        settings = with_tiny_model(settings)
     files = sorted(p for p in Path(args.samples).iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES)
     if not files:
         print(f"no sample documents in {args.samples}")
         return 2
 
     t0 = time.monotonic()
-    stages, store = start_pipeline(settings)
+    pipeline = start_pipeline(settings)
+    settings, store = pipeline.settings, pipeline.store
     publisher = UploadPublisher(settings)
     try:
         versions: dict[str, int] = {}
@@ -81,11 +82,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _search_demo(settings, store, args.query)
     finally:
         publisher.close()
-        stages.stop()
-        store.close()
+        pipeline.stop()
         if started_broker:
             local_kafka(settings).stop()
-    return 1 if stages.failures else 0
+    return 1 if pipeline.stages.failures else 0
 
 
 def _search_demo(settings: ColstreamSettings, store: Any, query: str) -> None:

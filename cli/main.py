@@ -14,20 +14,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from colstream.cli.runtime import StageThreads, local_kafka, resolve_broker, use_tiny_model
+from colstream.app import (
+    PIPELINE_STAGES,
+    build_stage,
+    load_settings,
+    local_kafka,
+    resolve_broker,
+    serve_api,
+    serve_api_in_thread,
+    start_pipeline,
+    with_tiny_model,
+)
 from colstream.infra.settings import ColstreamSettings
 
 log = logging.getLogger("colstream")
-
-def _settings() -> ColstreamSettings:
-    return ColstreamSettings()
 
 
 # -- kafka -------------------------------------------------------------------------
 def cmd_kafka(args: argparse.Namespace) -> int:
     from colstream.infra.local_kafka import tool_command
 
-    settings = _settings()
+    settings = load_settings()
     broker = local_kafka(settings)
     if args.action == "start":
         if settings.kafka.bootstrap_servers:
@@ -54,8 +61,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 def cmd_topics(args: argparse.Namespace) -> int:
     from colstream.infra.kafka import ensure_topics
 
-    settings = _settings()
-    resolve_broker(settings, start=args.start_broker)
+    settings = resolve_broker(load_settings(), start=args.start_broker)
     for name, outcome in ensure_topics(settings).items():
         print(f"{name}: {outcome}")
     return 0
@@ -66,8 +72,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from colstream.producers.publisher import UploadPublisher
     from colstream.schemas import UploadEvent
 
-    settings = _settings()
-    resolve_broker(settings, start=False)
+    settings = resolve_broker(load_settings(), start=False)
     publisher = UploadPublisher(settings)
     try:
         if args.action == "delete":
@@ -93,75 +98,28 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 # -- stages ------------------------------------------------------------------------
-def _build_stage(name: str, settings: ColstreamSettings, store: Any = None) -> Any:
-    if name == "splitter":
-        from colstream.consumers.splitter.stage import build_splitter
-
-        return build_splitter(settings)
-    if name == "embedder":
-        from colstream.consumers.embedder.stage import build_embedder
-
-        return build_embedder(settings)
-    if name == "sink":
-        from colstream.consumers.sink.stage import build_sink
-
-        return build_sink(settings, store)
-    raise SystemExit(f"unknown stage {name!r}")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = _settings()
+    settings = load_settings()
     if args.tiny_model:
-        use_tiny_model(settings)
+        settings = with_tiny_model(settings)
     if args.stage == "all":
         return run_all(settings, with_api=not args.no_api)
-    resolve_broker(settings, start=False)
+    settings = resolve_broker(settings, start=False)
     if args.stage == "api":
-        return serve_api(settings)
-    runner = _build_stage(args.stage, settings)
+        serve_api(settings)
+        return 0
+    runner = build_stage(args.stage, settings)
     runner.install_signal_handlers()
     runner.run()
     return 0
 
 
-def serve_api(settings: ColstreamSettings, store: Any = None, stage_stats: Any = None,
-              block: bool = True) -> Any:
-    import uvicorn
-
-    from colstream.api.app import create_app
-
-    app = create_app(settings, store=store, stage_stats=stage_stats)
-    config = uvicorn.Config(app, host=settings.api.host, port=settings.api.port, log_level="warning")
-    server = uvicorn.Server(config)
-    if block:
-        server.run()
-        return 0
-    # uvicorn leaves signal handling to the main thread when it runs in another one.
-    thread = threading.Thread(target=server.run, name="api", daemon=True)
-    thread.start()
-    return server
-
-
-def start_pipeline(settings: ColstreamSettings) -> tuple[StageThreads, Any]:
-    """Broker, topics, embedded store and the three stages in this process."""
-    from colstream.infra.kafka import ensure_topics
-    from colstream.infra.vectorstore import open_vector_store
-
-    resolve_broker(settings, start=True)
-    ensure_topics(settings)
-    store = open_vector_store(settings.qdrant)
-    store.ensure_collections()
-    stages = StageThreads()
-    for name in ("splitter", "embedder", "sink"):
-        stages.start(name, _build_stage(name, settings, store))
-    return stages, store
-
-
 def run_all(settings: ColstreamSettings, with_api: bool = True) -> int:
-    stages, store = start_pipeline(settings)
-    server = None
+    pipeline = start_pipeline(settings)
+    settings = pipeline.settings
     if with_api:
-        server = serve_api(settings, store=store, stage_stats=stages.stats, block=False)
+        server = serve_api_in_thread(settings, store=pipeline.store, stage_stats=pipeline.stages.stats)
+        pipeline.on_stop.append(lambda: setattr(server, "should_exit", True))
         print(f"colstream: pipeline running; API on http://{settings.api.host}:{settings.api.port} "
               "(GET /health, GET /documents). Ctrl-C to stop.", flush=True)
     stop = threading.Event()
@@ -169,13 +127,10 @@ def run_all(settings: ColstreamSettings, with_api: bool = True) -> int:
         signal.signal(sig, lambda *_: stop.set())
     while not stop.is_set():
         stop.wait(1.0)
-        if stages.failures:
+        if pipeline.stages.failures:
             break
-    if server is not None:
-        server.should_exit = True
-    stages.stop()
-    store.close()
-    return 1 if stages.failures else 0
+    pipeline.stop()
+    return 1 if pipeline.stages.failures else 0
 
 
 # -- read models ---------------------------------------------------------------------
@@ -231,7 +186,7 @@ def print_documents(rows: list[dict[str, Any]], as_json: bool) -> None:
 
 
 def cmd_documents(args: argparse.Namespace) -> int:
-    print_documents(list_documents(_settings()), args.json)
+    print_documents(list_documents(load_settings()), args.json)
     return 0
 
 
@@ -273,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(func=cmd_publish)
 
     run = sub.add_parser("run", help="run a stage, the API, or everything in one process")
-    run.add_argument("stage", choices=["splitter", "embedder", "sink", "api", "all"])
+    run.add_argument("stage", choices=[*PIPELINE_STAGES, "api", "all"])
     run.add_argument("--tiny-model", action="store_true",
                      help="use a locally built tiny checkpoint with RANDOM WEIGHTS (offline)")
     run.add_argument("--no-api", action="store_true", help="with `all`: do not serve the HTTP API")

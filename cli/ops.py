@@ -11,7 +11,7 @@ from typing import Any
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from colstream.cli.runtime import resolve_broker
+from colstream.app import load_settings, resolve_broker
 from colstream.infra.kafka import OutRecord, ProducerClient
 from colstream.infra.settings import ColstreamSettings
 from colstream.schemas import DeadLetter
@@ -97,8 +97,7 @@ def dead_letters(settings: ColstreamSettings, args: argparse.Namespace) -> list[
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    settings = ColstreamSettings()
-    resolve_broker(settings, start=False)
+    settings = resolve_broker(load_settings(), start=False)
     letters = dead_letters(settings, args)
     if args.action == "list":
         if args.json:
@@ -174,8 +173,7 @@ def rewind_offsets(settings: ColstreamSettings, group: str, topic: str,
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    settings = ColstreamSettings()
-    resolve_broker(settings, start=False)
+    settings = resolve_broker(load_settings(), start=False)
     topic = getattr(settings.topics, STAGE_INPUT[args.stage])
     group = f"{settings.consumer_group_prefix}{args.stage}"
     ts_ms = None

@@ -93,26 +93,22 @@ def make_settings(
 ) -> ColstreamSettings:
     """Settings with a random topic set and consumer groups: tests never see each other's records."""
     run = uuid.uuid4().hex[:8]
-    settings = ColstreamSettings()
-    settings.state_dir = tmp_path
-    settings.kafka.bootstrap_servers = bootstrap
-    settings.kafka.linger_ms = 5
-    # A killed member leaves the group after this; the broker's floor is 6 s.
-    settings.kafka.session_timeout_ms = 6_000
-    settings.consumer_group_prefix = f"t{run}-"
-    for name in ("uploads", "pages", "vectors", "indexed", "dlq"):
-        setattr(settings.topics, name, f"t{run}.documents.{name}")
-    settings.topics.partitions = 3
-    for key, value in topic_overrides.items():
-        setattr(settings.topics, key, value)
-    settings.blob.local_root = tmp_path / "blobs"
-    settings.blob.local_root.mkdir(parents=True, exist_ok=True)
-    settings.qdrant.path = tmp_path / "qdrant"
-    settings.qdrant.url = None
+    (tmp_path / "blobs").mkdir(parents=True, exist_ok=True)
+    names = ("uploads", "pages", "vectors", "indexed", "dlq")
+    topics: dict[str, object] = {name: f"t{run}.documents.{name}" for name in names}
+    model: dict[str, object] = {"batch_size": 4, "batch_timeout_ms": 50}
     if model_path is not None:
-        settings.model.name_or_path = str(model_path)
-    settings.model.batch_size = 4
-    settings.model.batch_timeout_ms = 50
+        model["name_or_path"] = str(model_path)
+    settings = ColstreamSettings().updated(
+        state_dir=tmp_path,
+        # A killed member leaves the group after session_timeout_ms; the broker's floor is 6 s.
+        kafka={"bootstrap_servers": bootstrap, "linger_ms": 5, "session_timeout_ms": 6_000},
+        consumer_group_prefix=f"t{run}-",
+        topics={**topics, "partitions": 3, **topic_overrides},
+        blob={"local_root": tmp_path / "blobs"},
+        qdrant={"path": tmp_path / "qdrant", "url": None},
+        model=model,
+    )
     return settings
 
 

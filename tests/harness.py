@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
+from colstream.app import PIPELINE_STAGES, StageName
 from colstream.infra.settings import ColstreamSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,11 +81,10 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, interval_s: float =
 
 
 @contextmanager
-def pipeline_in_threads(settings: ColstreamSettings, stages: tuple[str, ...] = ("splitter", "embedder", "sink"),
+def pipeline_in_threads(settings: ColstreamSettings, stages: tuple[StageName, ...] = PIPELINE_STAGES,
                         store: Any = None) -> Iterator[Any]:
     """The three stages in this process (as `colstream run all` runs them); yields the shared store."""
-    from colstream.cli.main import _build_stage
-    from colstream.cli.runtime import StageThreads
+    from colstream.app import StageThreads, build_stage
     from colstream.infra.vectorstore import open_vector_store
 
     own_store = store is None
@@ -93,7 +93,7 @@ def pipeline_in_threads(settings: ColstreamSettings, stages: tuple[str, ...] = (
     threads = StageThreads()
     try:
         for name in stages:
-            threads.start(name, _build_stage(name, settings, store))
+            threads.start(name, build_stage(name, settings, store))
         yield store
     finally:
         threads.stop()

@@ -34,8 +34,7 @@ BAD_EVENTS = {
 def test_every_corpus_file_ends_indexed_or_dead_lettered_with_its_reason(
     pipeline_settings: ColstreamSettings,
 ) -> None:
-    settings = pipeline_settings
-    settings.limits.render_timeout_s = 20.0
+    settings = pipeline_settings.updated(limits={"render_timeout_s": 20.0})
     cases = build_corpus(settings.blob.local_root / "corpus")
     assert len(cases) >= 40
     lines = []

@@ -131,8 +131,7 @@ def test_colpali_family_end_to_end(kafka_bootstrap: str, tiny_colpali: Path, tmp
     from colstream.infra.kafka import ensure_topics
     from tests.conftest import make_settings
 
-    settings = make_settings(tmp_path, kafka_bootstrap, tiny_colpali)
-    settings.model.family = "colpali"
+    settings = make_settings(tmp_path, kafka_bootstrap, tiny_colpali).updated(model={"family": "colpali"})
     ensure_topics(settings)
     uri = _store_blob(settings, "deck.pdf", make_pdf(2, size=(960, 540)))
     with pipeline_in_threads(settings) as store:

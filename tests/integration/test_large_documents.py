@@ -28,10 +28,9 @@ PAGES = 1000
 def test_a_thousand_page_pdf_streams_pages_as_they_render_without_losing_the_partition(
     kafka_bootstrap: str, tiny_colqwen2: Path, tmp_path: Path
 ) -> None:
-    settings = make_settings(tmp_path, kafka_bootstrap, tiny_colqwen2)
-    # The whole document takes longer than this on purpose: the runner must keep
-    # polling (partitions paused) while the renderer works, or the group evicts it.
-    settings.kafka.max_poll_interval_ms = 6_000
+    # The whole document takes longer than max.poll.interval.ms on purpose: the runner
+    # must keep polling (partitions paused) while the renderer works, or the group evicts it.
+    settings = make_settings(tmp_path, kafka_bootstrap, tiny_colqwen2).updated(kafka={"max_poll_interval_ms": 6_000})
     ensure_topics(settings)
     (settings.blob.local_root / "big.pdf").write_bytes(make_many_page_pdf(PAGES))
     renderer = StreamingRenderer(processes=2, limits=settings.limits, page_hook=slow_page)

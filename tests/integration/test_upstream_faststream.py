@@ -259,10 +259,9 @@ SECURITY_CASES = {
 
 @pytest.mark.parametrize("case", sorted(SECURITY_CASES))
 def test_broker_gets_the_same_security_config_as_the_stages(case: str) -> None:
-    settings = ColstreamSettings()
-    settings.kafka.bootstrap_servers = "broker:9093"
-    for name, value in SECURITY_CASES[case].items():
-        setattr(settings.kafka, name, SecretStr(value) if name == "sasl_password" else value)
+    security = {name: SecretStr(value) if name == "sasl_password" else value
+                for name, value in SECURITY_CASES[case].items()}
+    settings = ColstreamSettings().updated(kafka={"bootstrap_servers": "broker:9093", **security})
 
     def security_part(conf: dict[str, Any]) -> dict[str, Any]:
         part = {k: v for k, v in conf.items() if k.startswith(("security.", "sasl.", "ssl."))}

@@ -31,8 +31,7 @@ def free_port() -> int:
 @contextmanager
 def run_all(settings: ColstreamSettings, log: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
     port = free_port()
-    settings.api.port = port
-    settings.api.public_url = f"http://127.0.0.1:{port}"
+    settings = settings.updated(api={"port": port, "public_url": f"http://127.0.0.1:{port}"})
     env = {**settings_env(settings), "COLSTREAM_API__HOST": "127.0.0.1", **(extra_env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "colstream", "run", "all"], env=env, stdout=out,

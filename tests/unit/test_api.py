@@ -192,10 +192,10 @@ class Api:
 
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
-    settings = ColstreamSettings(state_dir=tmp_path)
-    settings.blob.local_root = tmp_path / "blobs"
-    settings.limits.max_blob_bytes = 64 * 1024
-    settings.limits.max_image_pixels = 500 * 500
+    settings = ColstreamSettings(state_dir=tmp_path).updated(
+        blob={"local_root": tmp_path / "blobs"},
+        limits={"max_blob_bytes": 64 * 1024, "max_image_pixels": 500 * 500},
+    )
     store, publisher, model = FakeStore(), FakePublisher(first_offset=10), FakeModel()
     loads: list[ModelSettings] = []
 
