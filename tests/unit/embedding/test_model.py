@@ -30,7 +30,7 @@ from colstream.embedding.tiny import (
 )
 from colstream.infra.settings import ModelSettings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 MODEL_CACHE = REPO / ".colstream" / "models"
 FIDELITY_TOLERANCE = 1e-3
 FLOAT16_TOLERANCE = 4e-3

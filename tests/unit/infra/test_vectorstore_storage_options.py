@@ -33,7 +33,7 @@ from colstream.infra.vectorstore_qdrant import QdrantServerVectorStore
 from colstream.schemas import DocumentRecord, PageTask, PageVectors, decode_vectors, encode
 from colstream.schemas.events import DocumentRef
 
-MODEL_CACHE = Path(__file__).resolve().parents[2] / ".colstream" / "models"
+MODEL_CACHE = Path(__file__).resolve().parents[3] / ".colstream" / "models"
 
 
 # -- the grid the models report ------------------------------------------------------------------
