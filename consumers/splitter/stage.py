@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from colstream.consumers.splitter.render import DocumentError, RenderedPage, open_document, sniff_kind
+from colstream.consumers.splitter.render import DocumentError, RenderedPage, sniff_kind
 from colstream.consumers.splitter.workers import PageFailure, StreamingRenderer
 from colstream.embedding.profile import RenderTarget, render_target_for
 from colstream.infra.blobstore import BlobError, BlobStore, open_blob_store
@@ -104,7 +104,8 @@ class SplitterHandler:
             with open(path, "rb") as fh:
                 head = fh.read(4096)
             kind = sniff_kind(head, content_type, ref.filename)
-            info = open_document(path, kind, self.settings.limits)
+            # Opened in a render worker: a file that hangs or crashes PDFium costs that worker only.
+            info = self.renderer.inspect(path, kind)
             for result in self.renderer.render_document(path, kind, info.page_count, self.target):
                 if isinstance(result, RenderedPage):
                     emit(self._page_task(ref, result, info.page_count))

@@ -2,7 +2,10 @@
 
 Why processes: PDFium is not thread-safe, and a hostile file can hang or crash
 the renderer. Each worker owns one pipe, so killing a stuck worker cannot
-corrupt a queue that the others share.
+corrupt a queue that the others share. Documents are opened only in workers:
+:meth:`StreamingRenderer.inspect` counts the pages there, so a file that hangs
+or crashes PDFium on open costs one worker and an ``OpenTimeout`` (or
+``BrokenDocument``) refusal, never the calling process.
 
 Flow for one document: pages go out in contiguous chunks (a worker opens the
 file once per chunk), results come back page by page, and the parent yields
@@ -35,6 +38,7 @@ from colstream.consumers.splitter.render import (
     DocumentError,
     DocumentInfo,
     DocumentKind,
+    DocumentSession,
     PageError,
     PageFailure,
     PlainTarget,
@@ -46,6 +50,8 @@ from colstream.consumers.splitter.render import (
 from colstream.infra.settings import LimitSettings
 
 PageHook = Callable[[int], None]
+OpenHook = Callable[[Path], None]
+RenderResult = RenderedPage | PageFailure
 
 DEFAULT_CHUNK_PAGES = 8
 # After this many timeouts/crashes in a row before any page of the document rendered, the
@@ -53,7 +59,19 @@ DEFAULT_CHUNK_PAGES = 8
 MAX_FAILURES_BEFORE_FIRST_SUCCESS = 3
 
 
-def _worker_main(conn: Connection, limits: LimitSettings, page_hook: PageHook | None) -> None:
+@dataclass(frozen=True, slots=True)
+class _Hooks:
+    """Fault injectors run inside the worker (tests only): before a page, before an open."""
+
+    page: PageHook | None = None
+    open: OpenHook | None = None
+
+
+# ---------------------------------------------------------------------------
+# Inside a worker process
+
+
+def _worker_main(conn: Connection, limits: LimitSettings, hooks: _Hooks) -> None:
     # The parent owns shutdown; a Ctrl-C in the terminal must not spray tracebacks from here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     while True:
@@ -65,16 +83,34 @@ def _worker_main(conn: Connection, limits: LimitSettings, page_hook: PageHook | 
             return
         if message[0] == "open":
             _, path, kind = message
-            try:
-                info = open_document(Path(path), kind, limits)
-                conn.send(("opened", info.page_count))
-            except DocumentError as exc:
-                conn.send(("open_failed", exc.error_type, exc.message))
-            except Exception as exc:
-                conn.send(("open_failed", "BrokenDocument", f"the document could not be opened: {exc}"))
+            conn.send(_inspect_in_worker(Path(path), kind, limits, hooks))
         elif message[0] == "render":
             _, path, kind, pages, target = message
-            _render_chunk(conn, Path(path), kind, pages, target, limits, page_hook)
+            _render_chunk(conn, Path(path), kind, pages, target, limits, hooks)
+
+
+def _inspect_in_worker(path: Path, kind: DocumentKind, limits: LimitSettings, hooks: _Hooks) -> tuple[Any, ...]:
+    try:
+        if hooks.open is not None:
+            hooks.open(path)
+        return ("opened", open_document(path, kind, limits).page_count)
+    except DocumentError as exc:
+        return ("open_failed", exc.error_type, exc.message)
+    except Exception as exc:
+        return ("open_failed", "BrokenDocument", f"the document could not be opened: {exc}")
+
+
+def _render_one(session: DocumentSession, page_number: int, target: PlainTarget, hooks: _Hooks) -> RenderResult:
+    try:
+        if hooks.page is not None:
+            hooks.page(page_number)
+        return session.render(page_number, target)
+    except PageError as exc:
+        return PageFailure(page_number, exc.error_type, exc.message)
+    except MemoryError:
+        return PageFailure(page_number, "PageTooLarge", f"page {page_number} ran out of memory")
+    except Exception as exc:
+        return PageFailure(page_number, "RenderError", f"page {page_number} failed to render: {exc!r}")
 
 
 def _render_chunk(
@@ -84,12 +120,14 @@ def _render_chunk(
     pages: list[int],
     target: PlainTarget,
     limits: LimitSettings,
-    page_hook: PageHook | None,
+    hooks: _Hooks,
 ) -> None:
     # Opening counts against the first page's time budget: a file that hangs PDFium on open
     # is caught by the same timeout.
     conn.send(("start", pages[0], time.monotonic()))
     try:
+        if hooks.open is not None:
+            hooks.open(path)
         session = open_session(path, kind, limits)
     except DocumentError as exc:
         for page_number in pages:
@@ -100,21 +138,14 @@ def _render_chunk(
         for index, page_number in enumerate(pages):
             if index:
                 conn.send(("start", page_number, time.monotonic()))
-            result: RenderedPage | PageFailure
-            try:
-                if page_hook is not None:
-                    page_hook(page_number)
-                result = session.render(page_number, target)
-            except PageError as exc:
-                result = PageFailure(page_number, exc.error_type, exc.message)
-            except MemoryError:
-                result = PageFailure(page_number, "PageTooLarge", f"page {page_number} ran out of memory")
-            except Exception as exc:
-                result = PageFailure(page_number, "RenderError", f"page {page_number} failed to render: {exc!r}")
-            conn.send(("result", result))
+            conn.send(("result", _render_one(session, page_number, target, hooks)))
     finally:
         session.close()
     conn.send(("chunk_done",))
+
+
+# ---------------------------------------------------------------------------
+# In the parent
 
 
 @dataclass
@@ -126,6 +157,23 @@ class _Worker:
     current_page: int | None = None
     started_at: float | None = None
     busy: bool = False
+
+    def assign(self, pages: list[int]) -> None:
+        self.busy = True
+        self.pending = list(pages)
+        self.current_page = None
+        self.started_at = time.monotonic()
+
+    def finish_chunk(self) -> None:
+        self.busy = False
+        self.pending = []
+        self.current_page = None
+
+    def page_in_flight(self) -> int | None:
+        """The page a dead or stuck worker was on (the first pending one before it said)."""
+        if self.current_page in self.pending:
+            return self.current_page
+        return self.pending[0] if self.pending else None
 
 
 class StreamingRenderer:
@@ -140,8 +188,10 @@ class StreamingRenderer:
         max_outstanding_pages: int | None = None,
         start_method: str | None = None,
         page_hook: PageHook | None = None,
+        open_hook: OpenHook | None = None,
     ) -> None:
-        """``page_hook`` runs in the worker before each page (fault-injection tests only)."""
+        """``page_hook`` runs in the worker before each page and ``open_hook`` before each open
+        of the file (fault-injection tests only)."""
         if processes < 1:
             raise ValueError("processes must be >= 1")
         self.processes = processes
@@ -149,7 +199,7 @@ class StreamingRenderer:
         self.chunk_pages = max(1, chunk_pages)
         self.max_outstanding_pages = max(self.chunk_pages, max_outstanding_pages or processes * self.chunk_pages * 2)
         self._context = _make_context(start_method)
-        self._page_hook = page_hook
+        self._hooks = _Hooks(page=page_hook, open=open_hook)
         self._workers: list[_Worker] = []
         self._active = False
         self._closed = False
@@ -163,7 +213,7 @@ class StreamingRenderer:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(  # type: ignore[attr-defined]
             target=_worker_main,
-            args=(child_conn, self.limits, self._page_hook),
+            args=(child_conn, self.limits, self._hooks),
             name="colstream-render",
             daemon=True,
         )
@@ -184,6 +234,10 @@ class StreamingRenderer:
         worker.conn.close()
         self._workers.remove(worker)
         self.workers_replaced += 1
+
+    def _replace(self, worker: _Worker) -> None:
+        self._discard(worker)
+        self._fill_pool()
 
     def close(self) -> None:
         if self._closed:
@@ -213,37 +267,55 @@ class StreamingRenderer:
     # -- opening ----------------------------------------------------------
 
     def inspect(self, path: Path, kind: DocumentKind) -> DocumentInfo:
-        """:func:`open_document` in a worker, so a file that crashes or hangs PDFium cannot take us down."""
+        """:func:`open_document` in a worker, so a file that crashes or hangs PDFium cannot take us down.
+
+        Raises :class:`DocumentError`: the document's own refusal, ``OpenTimeout`` when opening
+        takes longer than ``limits.render_timeout_s`` (the worker is killed and replaced), or
+        ``BrokenDocument`` when the worker dies while opening.
+        """
         self._require_idle()
         self._fill_pool()
         worker = self._workers[0]
-        worker.conn.send(("open", str(path), kind))
-        deadline = time.monotonic() + self.limits.render_timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._discard(worker)
-                raise DocumentError(
-                    "OpenTimeout",
-                    f"opening the document took longer than {self.limits.render_timeout_s:g}s; "
-                    "it is probably malformed",
-                )
+        try:
+            worker.conn.send(("open", str(path), kind))
+        except OSError:
+            # Died while idle (killed from outside): replace it and ask a fresh one.
+            self._replace(worker)
+            worker = self._workers[-1]
+            worker.conn.send(("open", str(path), kind))
+        try:
+            reply = self._await_open_reply(worker)
+        except DocumentError:
+            self._replace(worker)
+            raise
+        if reply[0] == "opened":
+            return DocumentInfo(kind, int(reply[1]))
+        raise DocumentError(reply[1], reply[2])
+
+    def _await_open_reply(self, worker: _Worker) -> tuple[Any, ...]:
+        timeout = self.limits.render_timeout_s
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
             ready = wait([worker.conn, worker.process.sentinel], timeout=remaining)
-            if worker.conn in ready or worker.conn.poll():
+            if worker.conn in ready:
                 try:
-                    reply = worker.conn.recv()
+                    reply: tuple[Any, ...] = worker.conn.recv()
                 except (EOFError, OSError):
-                    reply = None
-                if reply is not None and reply[0] == "opened":
-                    return DocumentInfo(kind, int(reply[1]))
-                if reply is not None and reply[0] == "open_failed":
-                    raise DocumentError(reply[1], reply[2])
-            if not worker.process.is_alive() or worker.process.sentinel in ready:
-                exitcode = worker.process.exitcode
-                self._discard(worker)
+                    ready.append(worker.process.sentinel)
+                else:
+                    if reply[0] in ("opened", "open_failed"):
+                        return reply
+                    continue  # a late message from an earlier, abandoned document
+            if worker.process.sentinel in ready:
+                worker.process.join(timeout=1)
                 raise DocumentError(
-                    "BrokenDocument", f"the renderer crashed ({_describe_exit(exitcode)}) while opening the document"
+                    "BrokenDocument",
+                    f"the renderer crashed ({_describe_exit(worker.process.exitcode)}) while opening the document",
                 )
+        raise DocumentError(
+            "OpenTimeout",
+            f"opening the document took longer than {timeout:g}s and was abandoned; it is probably malformed",
+        )
 
     # -- rendering --------------------------------------------------------
 
@@ -253,13 +325,13 @@ class StreamingRenderer:
 
     def render_document(
         self, path: Path, kind: DocumentKind, page_count: int, target: RenderTargetLike
-    ) -> Iterator[RenderedPage | PageFailure]:
+    ) -> Iterator[RenderResult]:
         """Yield one result per page, in page order, as soon as each is available."""
         self._require_idle()
         self._fill_pool()
         self._active = True
         try:
-            yield from self._render(path, kind, page_count, PlainTarget.of(target))
+            yield from _DocumentRender(self, path, kind, page_count, PlainTarget.of(target)).results()
         finally:
             # Abandoned mid-document (consumer stopped, exception): busy workers would keep
             # rendering pages nobody reads; replace them. Workers that finished keep serving.
@@ -274,147 +346,163 @@ class StreamingRenderer:
         try:
             while worker.conn.poll(max(0.0, deadline - time.monotonic())):
                 if worker.conn.recv()[0] == "chunk_done":
-                    worker.busy = False
-                    worker.current_page = None
+                    worker.finish_chunk()
                     return True
         except (EOFError, OSError):
             pass
         return False
 
-    def _render(
-        self, path: Path, kind: DocumentKind, page_count: int, target: PlainTarget
-    ) -> Iterator[RenderedPage | PageFailure]:
-        chunk = max(1, min(self.chunk_pages, -(-page_count // self.processes)))
-        retry_chunks: deque[list[int]] = deque()
-        results: dict[int, RenderedPage | PageFailure] = {}
-        next_dispatch = 1
-        next_yield = 1
-        any_success = False
-        failures_without_success = 0
-        timeout = self.limits.render_timeout_s
 
-        def take_chunk() -> list[int] | None:
-            nonlocal next_dispatch
-            if retry_chunks:
-                return retry_chunks.popleft()
-            if next_dispatch > page_count:
-                return None
-            size = min(chunk, page_count - next_dispatch + 1)
-            if next_dispatch + size - next_yield > self.max_outstanding_pages:
-                return None
-            pages = list(range(next_dispatch, next_dispatch + size))
-            next_dispatch += size
-            self.peak_outstanding_pages = max(self.peak_outstanding_pages, next_dispatch - next_yield)
-            return pages
+class _DocumentRender:
+    """One document's render: which pages are dispatched, which came back, which are yielded.
 
-        def abandon(worker: _Worker, error_type: str, message: str) -> None:
-            """Fail the page the worker was on; send the rest of its chunk elsewhere."""
-            nonlocal failures_without_success
-            victim = worker.current_page if worker.current_page in worker.pending else None
-            if victim is None and worker.pending:
-                victim = worker.pending[0]
-            leftovers = [p for p in worker.pending if p != victim]
-            self._discard(worker)
-            self._fill_pool()
-            if victim is not None:
-                results[victim] = PageFailure(victim, error_type, message.format(page=victim))
-                failures_without_success += 1
-            if not any_success and failures_without_success >= MAX_FAILURES_BEFORE_FIRST_SUCCESS:
-                # Fail everything not yet rendered instead of timing out page after page.
-                doomed = [*leftovers, *(p for c in retry_chunks for p in c), *range(next_dispatch, page_count + 1)]
-                retry_chunks.clear()
-                for page_number in doomed:
-                    results[page_number] = PageFailure(
-                        page_number,
-                        error_type,
-                        f"abandoned: the document failed {failures_without_success} times in a row "
-                        f"({error_type}) before any page rendered",
-                    )
-                mark_dispatched(page_count + 1)
-            elif leftovers:
-                retry_chunks.appendleft(leftovers)
+    Pages ``< next_yield`` are yielded; ``next_yield <= p < next_dispatch`` are out (in a
+    worker, in ``retry_chunks``, or in ``done`` waiting for their turn); the rest wait.
+    """
 
-        def mark_dispatched(upto: int) -> None:
-            nonlocal next_dispatch
-            next_dispatch = max(next_dispatch, upto)
+    def __init__(
+        self, pool: StreamingRenderer, path: Path, kind: DocumentKind, page_count: int, target: PlainTarget
+    ) -> None:
+        self.pool = pool
+        self.path = path
+        self.kind = kind
+        self.page_count = page_count
+        self.target = target
+        self.timeout = pool.limits.render_timeout_s
+        self.chunk = max(1, min(pool.chunk_pages, -(-page_count // pool.processes)))
+        self.retry_chunks: deque[list[int]] = deque()
+        self.done: dict[int, RenderResult] = {}
+        self.next_dispatch = 1
+        self.next_yield = 1
+        self.any_success = False
+        self.failures_without_success = 0
 
-        while next_yield <= page_count:
-            if next_yield in results:
-                result = results.pop(next_yield)
-                next_yield += 1
+    def results(self) -> Iterator[RenderResult]:
+        while self.next_yield <= self.page_count:
+            result = self.done.pop(self.next_yield, None)
+            if result is not None:
+                self.next_yield += 1
                 yield result
                 continue
-
-            for worker in self._workers:
-                if worker.busy:
-                    continue
-                pages = take_chunk()
-                if pages is None:
-                    break
-                try:
-                    worker.conn.send(("render", str(path), kind, pages, target))
-                except OSError:
-                    # Died while idle (killed from outside): nothing was lost but the worker.
-                    retry_chunks.appendleft(pages)
-                    self._discard(worker)
-                    self._fill_pool()
-                    break
-                worker.busy = True
-                worker.pending = list(pages)
-                worker.current_page = None
-                worker.started_at = time.monotonic()
-
-            busy = [w for w in self._workers if w.busy]
+            self._dispatch_to_idle_workers()
+            busy = [w for w in self.pool._workers if w.busy]
             if not busy:
-                raise RuntimeError(f"render stalled at page {next_yield}: no work in flight")  # a bug, not input
-            now = time.monotonic()
-            wait_for = min(
-                (max(0.0, (w.started_at or now) + timeout - now) for w in busy),
-                default=timeout,
-            )
-            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_for + 0.01))
+                raise RuntimeError(f"render stalled at page {self.next_yield}: no work in flight")  # a bug, not input
+            ready = self._wait_for(busy)
+            for worker in busy:
+                self._collect(worker, ready)
 
-            for worker in list(busy):
-                died = False
-                try:
-                    while worker.conn.poll():
-                        message = worker.conn.recv()
-                        kind_of_message = message[0]
-                        if kind_of_message == "start":
-                            worker.current_page, worker.started_at = message[1], message[2]
-                        elif kind_of_message == "result":
-                            result = message[1]
-                            results[result.page_number] = result
-                            if result.page_number in worker.pending:
-                                worker.pending.remove(result.page_number)
-                            worker.current_page = None
-                            if isinstance(result, RenderedPage):
-                                any_success = True
-                                failures_without_success = 0
-                        elif kind_of_message == "chunk_done":
-                            worker.busy = False
-                            worker.pending = []
-                            worker.current_page = None
-                            break
-                except (EOFError, OSError):
-                    died = True
-                if not worker.busy:
-                    continue
-                if died or worker.process.sentinel in ready or not worker.process.is_alive():
-                    worker.process.join(timeout=1)
-                    abandon(
-                        worker,
-                        "RendererCrashed",
-                        f"the renderer process died ({_describe_exit(worker.process.exitcode)}) "
-                        "while rendering page {page}; the other pages were rendered by a fresh process",
-                    )
-                elif worker.started_at is not None and time.monotonic() - worker.started_at > timeout:
-                    abandon(
-                        worker,
-                        "RenderTimeout",
-                        f"page {{page}} took longer than {timeout:g}s to render and was abandoned "
-                        "(it is probably pathologically complex)",
-                    )
+    # -- dispatching -------------------------------------------------------
+
+    def _take_chunk(self) -> list[int] | None:
+        if self.retry_chunks:
+            return self.retry_chunks.popleft()
+        if self.next_dispatch > self.page_count:
+            return None
+        size = min(self.chunk, self.page_count - self.next_dispatch + 1)
+        if self.next_dispatch + size - self.next_yield > self.pool.max_outstanding_pages:
+            return None
+        pages = list(range(self.next_dispatch, self.next_dispatch + size))
+        self.next_dispatch += size
+        self.pool.peak_outstanding_pages = max(self.pool.peak_outstanding_pages, self.next_dispatch - self.next_yield)
+        return pages
+
+    def _dispatch_to_idle_workers(self) -> None:
+        for worker in [w for w in self.pool._workers if not w.busy]:
+            pages = self._take_chunk()
+            if pages is None:
+                return
+            try:
+                worker.conn.send(("render", str(self.path), self.kind, pages, self.target))
+            except OSError:
+                # Died while idle (killed from outside): nothing was lost but the worker.
+                self.retry_chunks.appendleft(pages)
+                self.pool._replace(worker)
+                return
+            worker.assign(pages)
+
+    # -- collecting --------------------------------------------------------
+
+    def _wait_for(self, busy: list[_Worker]) -> set[Any]:
+        """Until a busy worker says something, dies, or the earliest page deadline passes."""
+        now = time.monotonic()
+        wait_for = min(max(0.0, (w.started_at or now) + self.timeout - now) for w in busy)
+        return set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_for + 0.01))
+
+    def _collect(self, worker: _Worker, ready: set[Any]) -> None:
+        died = not self._drain(worker)
+        if not worker.busy:
+            return
+        if died or worker.process.sentinel in ready or not worker.process.is_alive():
+            worker.process.join(timeout=1)
+            self._abandon(
+                worker,
+                "RendererCrashed",
+                f"the renderer process died ({_describe_exit(worker.process.exitcode)}) "
+                "while rendering page {page}; the other pages were rendered by a fresh process",
+            )
+        elif worker.started_at is not None and time.monotonic() - worker.started_at > self.timeout:
+            self._abandon(
+                worker,
+                "RenderTimeout",
+                f"page {{page}} took longer than {self.timeout:g}s to render and was abandoned "
+                "(it is probably pathologically complex)",
+            )
+
+    def _drain(self, worker: _Worker) -> bool:
+        """Read everything the worker has sent; False when its pipe broke (it died)."""
+        try:
+            while worker.busy and worker.conn.poll():
+                self._on_message(worker, worker.conn.recv())
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _on_message(self, worker: _Worker, message: tuple[Any, ...]) -> None:
+        if message[0] == "start":
+            worker.current_page, worker.started_at = message[1], message[2]
+        elif message[0] == "result":
+            self._record(worker, message[1])
+        elif message[0] == "chunk_done":
+            worker.finish_chunk()
+
+    def _record(self, worker: _Worker, result: RenderResult) -> None:
+        self.done[result.page_number] = result
+        if result.page_number in worker.pending:
+            worker.pending.remove(result.page_number)
+        worker.current_page = None
+        if isinstance(result, RenderedPage):
+            self.any_success = True
+            self.failures_without_success = 0
+
+    # -- failures ------------------------------------------------------------
+
+    def _abandon(self, worker: _Worker, error_type: str, message: str) -> None:
+        """Fail the page the worker was on; send the rest of its chunk elsewhere."""
+        victim = worker.page_in_flight()
+        leftovers = [p for p in worker.pending if p != victim]
+        self.pool._replace(worker)
+        if victim is not None:
+            self.done[victim] = PageFailure(victim, error_type, message.format(page=victim))
+            self.failures_without_success += 1
+        if not self.any_success and self.failures_without_success >= MAX_FAILURES_BEFORE_FIRST_SUCCESS:
+            self._give_up(leftovers, error_type)
+        elif leftovers:
+            self.retry_chunks.appendleft(leftovers)
+
+    def _give_up(self, leftovers: list[int], error_type: str) -> None:
+        """Fail everything not yet rendered instead of timing out page after page."""
+        queued = [p for c in self.retry_chunks for p in c]
+        doomed = [*leftovers, *queued, *range(self.next_dispatch, self.page_count + 1)]
+        self.retry_chunks.clear()
+        for page_number in doomed:
+            self.done[page_number] = PageFailure(
+                page_number,
+                error_type,
+                f"abandoned: the document failed {self.failures_without_success} times in a row "
+                f"({error_type}) before any page rendered",
+            )
+        self.next_dispatch = self.page_count + 1
 
 
 def _describe_exit(exitcode: int | None) -> str:

@@ -1,0 +1,105 @@
+"""The render worker pool: documents are opened only in workers, so a file that hangs or
+crashes PDFium on open costs one worker and a refusal with a reason, never the caller."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from colstream.consumers.splitter.render import DocumentError, PlainTarget, RenderedPage
+from colstream.consumers.splitter.stage import SplitterHandler
+from colstream.consumers.splitter.workers import StreamingRenderer
+from colstream.embedding.profile import RenderTarget
+from colstream.infra.blobstore import open_blob_store
+from colstream.infra.kafka import OutRecord
+from colstream.infra.settings import ColstreamSettings, LimitSettings
+from colstream.infra.stage_runner import RawRecord
+from colstream.schemas import RecordPosition
+from tests.fixtures import docs, faults
+
+COLQWEN2 = PlainTarget(max_pixels=768 * 28 * 28)
+OPEN_TIMEOUT_S = 1.0
+
+
+def _write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def test_a_file_that_hangs_on_open_costs_one_worker_and_an_open_timeout(tmp_path: Path) -> None:
+    hangs = _write(tmp_path, "hangs.pdf", docs.make_pdf(2))
+    fine = _write(tmp_path, "fine.pdf", docs.make_pdf(3))
+    limits = LimitSettings(render_timeout_s=OPEN_TIMEOUT_S)
+    with StreamingRenderer(2, limits, open_hook=faults.hang_on_open_of_hangs_files) as pool:
+        assert pool.inspect(fine, "pdf").page_count == 3
+        pids_before = set(pool.worker_pids())
+        started = time.monotonic()
+        with pytest.raises(DocumentError) as refused:
+            pool.inspect(hangs, "pdf")
+        assert time.monotonic() - started < OPEN_TIMEOUT_S + 3
+        assert refused.value.error_type == "OpenTimeout"
+        assert "took longer than 1s" in refused.value.message
+        # Exactly one worker was killed and replaced; the pool is whole and goes on.
+        assert pool.workers_replaced == 1
+        assert len(pool.worker_pids()) == 2 and len(set(pool.worker_pids()) - pids_before) == 1
+        assert pool.inspect(fine, "pdf").page_count == 3
+        results = list(pool.render_document(fine, "pdf", 3, COLQWEN2))
+        assert [r.page_number for r in results if isinstance(r, RenderedPage)] == [1, 2, 3]
+
+
+def test_a_file_that_crashes_the_renderer_on_open_is_refused_and_the_pool_recovers(tmp_path: Path) -> None:
+    crash = _write(tmp_path, "crash.pdf", docs.make_pdf(2))
+    fine = _write(tmp_path, "fine.pdf", docs.make_pdf(1))
+    with StreamingRenderer(1, LimitSettings(), open_hook=faults.segfault_on_open_of_crash_files) as pool:
+        with pytest.raises(DocumentError) as refused:
+            pool.inspect(crash, "pdf")
+        assert refused.value.error_type == "BrokenDocument"
+        assert "SIGSEGV" in refused.value.message
+        assert pool.workers_replaced == 1
+        assert pool.inspect(fine, "pdf").page_count == 1
+
+
+def test_pages_of_a_file_that_hangs_on_open_time_out_instead_of_hanging_the_render(tmp_path: Path) -> None:
+    hangs = _write(tmp_path, "hangs.pdf", docs.make_pdf(4))
+    limits = LimitSettings(render_timeout_s=OPEN_TIMEOUT_S)
+    with StreamingRenderer(2, limits, chunk_pages=2, open_hook=faults.hang_on_open_of_hangs_files) as pool:
+        started = time.monotonic()
+        results = list(pool.render_document(hangs, "pdf", 4, COLQWEN2))
+        assert [r.page_number for r in results] == [1, 2, 3, 4]
+        assert {r.error_type for r in results if not isinstance(r, RenderedPage)} == {"RenderTimeout"}
+        # Given up after a few timeouts in a row, not one timeout per page in sequence.
+        assert time.monotonic() - started < 4 * OPEN_TIMEOUT_S + 3
+
+
+def _record(key: str, value: dict[str, object], offset: int) -> RawRecord:
+    return RawRecord(key=key, value=json.dumps(value).encode(), position=RecordPosition("uploads", 0, offset))
+
+
+def test_the_splitter_dead_letters_a_file_that_hangs_on_open_and_splits_the_next(tmp_path: Path) -> None:
+    settings = ColstreamSettings().updated(
+        state_dir=tmp_path, blob={"local_root": tmp_path / "blobs"}, limits={"render_timeout_s": OPEN_TIMEOUT_S}
+    )
+    (tmp_path / "blobs").mkdir()
+    hangs = _write(tmp_path / "blobs", "hangs.pdf", docs.make_pdf(2))
+    fine = _write(tmp_path / "blobs", "fine.pdf", docs.make_pdf(2))
+    renderer = StreamingRenderer(1, settings.limits, open_hook=faults.hang_on_open_of_hangs_files)
+    handler = SplitterHandler(settings, open_blob_store(settings), renderer, RenderTarget(max_pixels=200_000))
+    emitted: list[OutRecord] = []
+    try:
+        handler.split(_record("bad", {"document_id": "bad", "blob_uri": hangs.as_uri()}, 7), emitted.append)
+        handler.split(_record("good", {"document_id": "good", "blob_uri": fine.as_uri()}, 8), emitted.append)
+    finally:
+        handler.close()
+    dlq = [json.loads(r.value or b"") for r in emitted if r.topic == settings.topics.dlq]
+    pages = [json.loads(r.value or b"") for r in emitted if r.topic == settings.topics.pages]
+    assert [(d["document_id"], d["error_type"]) for d in dlq] == [("bad", "OpenTimeout")]
+    assert "took longer than" in dlq[0]["message"]
+    assert [(p["type"], p["document"]["document_id"]) for p in pages] == [
+        ("document_failed", "bad"), ("page", "good"), ("page", "good")
+    ]
+    assert pages[0]["error_type"] == "OpenTimeout"
+    assert renderer.workers_replaced == 1
