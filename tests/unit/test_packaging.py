@@ -6,20 +6,27 @@ import os
 import zipfile
 from pathlib import Path
 
+import pytest
 from setuptools import build_meta
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_wheel_installs_only_the_colstream_namespace(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        name = build_meta.build_wheel(str(tmp_path))
+        name = build_meta.build_wheel(str(out))
     finally:
         os.chdir(cwd)
-    with zipfile.ZipFile(tmp_path / name) as wheel:
-        names = wheel.namelist()
+    return out / name
+
+
+def test_wheel_installs_only_the_colstream_namespace(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as wheel_file:
+        names = wheel_file.namelist()
     top_level = {n.split("/", 1)[0] for n in names}
     assert top_level == {"colstream", "colstream-0.1.0.dist-info"}, top_level
     for expected in (
@@ -33,6 +40,20 @@ def test_wheel_installs_only_the_colstream_namespace(tmp_path: Path) -> None:
         "colstream/embedding/engine.py",
         "colstream/api/app.py",
         "colstream/cli/main.py",
+        "colstream/samples/invoice.pdf",
+        "colstream/samples/scanned-receipt.png",
     ):
         assert expected in names, expected
     assert not any(n.startswith("colstream/tests") for n in names)
+
+
+def test_the_demo_finds_its_samples_inside_an_installed_wheel(wheel: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as wheel_file:
+        wheel_file.extractall(site)
+    demo_samples = site / "colstream" / "samples"
+    shipped = sorted(p.name for p in demo_samples.iterdir())
+    in_repo = sorted(p.name for p in (REPO / "samples").iterdir())
+    assert shipped == in_repo
+    # cli/demo.py looks two folders up from itself: colstream/cli/demo.py -> colstream/samples.
+    assert (site / "colstream" / "cli" / "demo.py").resolve().parent.parent / "samples" == demo_samples
