@@ -7,7 +7,7 @@
 # cached under .colstream/tools, so a second run installs nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# shellcheck source=../deploy/versions.env
+# shellcheck source=/dev/null
 source deploy/versions.env
 
 TOOLS="$PWD/.colstream/tools"
