@@ -8,4 +8,5 @@ bash scripts/bootstrap.sh
 export COLSTREAM_STATE_DIR="${COLSTREAM_STATE_DIR:-$PWD/.colstream/test}"
 echo "== ruff";  .venv/bin/ruff check .
 echo "== mypy";  .venv/bin/mypy -p colstream
+echo "== deployment"; bash scripts/check-deploy.sh
 echo "== pytest"; .venv/bin/python -m pytest -q -ra "$@"
