@@ -12,7 +12,8 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartiti
 from confluent_kafka.admin import AdminClient
 
 from colstream.app import load_settings, resolve_broker
-from colstream.infra.kafka import OutRecord, ProducerClient
+from colstream.infra.dead_letters import dead_letters
+from colstream.infra.dead_letters import redrive as redrive_letters
 from colstream.infra.settings import ColstreamSettings
 from colstream.schemas import DeadLetter
 
@@ -48,54 +49,6 @@ def _add_selectors(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--document-id")
 
 
-def read_topic(settings: ColstreamSettings, topic: str) -> list[tuple[int, int, bytes | None, bytes | None]]:
-    """Every record currently on ``topic``, read without joining a group."""
-    consumer = Consumer({**settings.kafka.common_config(), "group.id": f"colstream-reader-{uuid.uuid4()}",
-                         "enable.auto.commit": False})
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        ends: dict[int, int] = {}
-        assignment = []
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-                assignment.append(TopicPartition(topic, p, low))
-        consumer.assign(assignment)
-        rows: list[tuple[int, int, bytes | None, bytes | None]] = []
-        while ends:
-            msg = consumer.poll(2.0)
-            if msg is None or msg.error():
-                continue
-            partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
-            rows.append((partition, offset, msg.key(), msg.value()))
-            if offset + 1 >= ends.get(partition, 0):
-                ends.pop(partition, None)
-        return rows
-    finally:
-        consumer.close()
-
-
-def dead_letters(settings: ColstreamSettings, args: argparse.Namespace) -> list[tuple[str, DeadLetter]]:
-    wanted_offsets = set(args.offset)
-    letters = []
-    for partition, offset, _key, value in read_topic(settings, settings.topics.dlq):
-        if value is None:
-            continue
-        letter = DeadLetter.model_validate_json(value)
-        where = f"{partition}:{offset}"
-        if wanted_offsets and where not in wanted_offsets:
-            continue
-        if args.stage and letter.stage != args.stage:
-            continue
-        if args.error_type and letter.error_type != args.error_type:
-            continue
-        if args.document_id and letter.document_id != args.document_id:
-            continue
-        letters.append((where, letter))
-    return letters
-
-
 def cmd_dlq(args: argparse.Namespace) -> int:
     settings = resolve_broker(load_settings(), start=False)
     letters = dead_letters(settings, args)
@@ -121,24 +74,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 def redrive(settings: ColstreamSettings, letters: list[tuple[str, DeadLetter]], *, dry_run: bool,
             force: bool) -> int:
     current = {} if force else _current_versions(settings, {letter.document_id for _, letter in letters})
-    producer = ProducerClient(settings)
-    sent: set[tuple[str, int | None, int | None]] = set()
-    for where, letter in letters:
-        source = (letter.source_topic, letter.source_partition, letter.source_offset)
-        if source in sent:
-            continue  # several pages of one upload failed: the upload goes back once
-        newer = current.get(letter.document_id or "")
-        if newer is not None and letter.version is not None and newer > letter.version:
-            print(f"[{where}] skipped: {letter.document_id} already has a newer version {newer}")
-            continue
-        print(f"[{where}] {'would redrive' if dry_run else 'redrive'} -> {letter.source_topic} "
-              f"key={letter.original_key}")
-        if not dry_run:
-            producer.send(OutRecord(letter.source_topic, letter.original_key, letter.original_value_bytes()))
-        sent.add(source)
-    producer.flush_or_raise()
-    producer.close()
-    print(f"{len(sent)} records {'selected' if dry_run else 'redriven'}")
+    outcomes = redrive_letters(settings, letters, current, dry_run=dry_run)
+    for outcome in outcomes:
+        letter = outcome.letter
+        if outcome.action == "skipped":
+            print(f"[{outcome.where}] skipped: {outcome.reason}")
+        else:
+            print(f"[{outcome.where}] {'would redrive' if dry_run else 'redrive'} -> {letter.source_topic} "
+                  f"key={letter.original_key}")
+    sent = sum(1 for outcome in outcomes if outcome.action != "skipped")
+    print(f"{sent} records {'selected' if dry_run else 'redriven'}")
     return 0
 
 

@@ -236,6 +236,21 @@ class SinkSettings(Section):
     max_in_flight: int = Field(default=1, ge=1)
 
 
+class PageImageSettings(Section):
+    """``GET /documents/{id}/pages/{n}/image``: pages rendered on demand from the stored blob."""
+
+    # Widths above this are refused: a page image is for looking at, not for re-indexing.
+    max_width: int = Field(default=1600, ge=64, le=4096)
+    default_width: int = Field(default=800, ge=16, le=4096)
+    image_format: Literal["webp", "jpeg"] = "webp"
+    # None: <state_dir>/page-images. Least recently used images are removed past max_bytes.
+    cache_dir: Path | None = None
+    cache_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # Each render runs in its own process, killed when it takes longer than this.
+    render_timeout_s: float = Field(default=20.0, gt=0)
+    max_concurrent_renders: int = Field(default=2, ge=1)
+
+
 class ShutdownSettings(Section):
     # On SIGTERM a stage stops polling and gives in-flight work this long before it
     # leaves uncommitted work to be replayed. Pod grace periods must exceed it.
@@ -273,6 +288,7 @@ class ColstreamSettings(BaseSettings):
     splitter: SplitterSettings = Field(default_factory=SplitterSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     sink: SinkSettings = Field(default_factory=SinkSettings)
+    page_images: PageImageSettings = Field(default_factory=PageImageSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
 
     # Unprefixed names that win: see module docstring.

@@ -12,7 +12,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   uv venv -q .venv --python 3.11
 fi
-if ! .venv/bin/python -c "import colstream.infra.settings, colpali_engine, qdrant_edge, pytest" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import colstream.infra.settings, colpali_engine, qdrant_edge, pytest, selenium" >/dev/null 2>&1; then
   echo "bootstrap: installing colstream and its dependencies into .venv (torch is large: a few minutes)"
   uv pip install -q --python .venv/bin/python -e ".[dev]"
 fi
@@ -20,4 +20,11 @@ if ! command -v kcat >/dev/null 2>&1; then
   echo "bootstrap: installing kcat (Debian package)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get install -y -q kcat >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q kcat >/dev/null; }
+fi
+if ! command -v chromium >/dev/null 2>&1 || [ ! -x /usr/bin/chromedriver ]; then
+  echo "bootstrap: installing Chromium and its driver (Debian packages) for the console's browser tests"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null \
+         && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null; }
 fi
