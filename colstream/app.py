@@ -177,9 +177,12 @@ def api_server(
     import uvicorn
 
     from colstream.api.app import create_app
+    from colstream.api.auth import KeyRing, bind_host
 
+    # Refuses to start before anything listens: a non-loopback bind needs keys.
+    host = bind_host(settings.api, KeyRing.from_settings(settings.api))
     app = create_app(settings, store=store, stage_stats=stage_stats)
-    return uvicorn.Server(uvicorn.Config(app, host=settings.api.host, port=settings.api.port, log_level="warning"))
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=settings.api.port, log_level="warning"))
 
 
 def serve_api(

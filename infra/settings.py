@@ -12,13 +12,18 @@ model) derives a new object with :meth:`ColstreamSettings.updated`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from colstream.schemas.events import METADATA_KEY_PATTERN
 
 
 def default_state_dir() -> Path:
@@ -164,6 +169,23 @@ class LimitSettings(Section):
     render_timeout_s: float = 30.0
 
 
+class ConverterSettings(Section):
+    """Office/HTML/text documents are converted to PDF by LibreOffice headless first."""
+
+    # Converter processes, each with its own LibreOffice user profile; one conversion at a time each.
+    processes: int = Field(default=1, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    # Address-space limit (RLIMIT_AS) of each LibreOffice process.
+    memory_bytes: int = Field(default=2 * 1024**3, ge=256 * 1024**2)
+    # A converter process (and its profile) is replaced after this many conversions, or any failure.
+    recycle_after: int = Field(default=50, ge=1)
+    # Zip-bomb guards, checked on the ZIP central directory before LibreOffice sees the file.
+    max_archive_entries: int = Field(default=10_000, ge=1)
+    max_archive_uncompressed_bytes: int = Field(default=512 * 1024**2, ge=1)
+    max_archive_ratio: float = Field(default=200.0, gt=1)
+    soffice: str = "soffice"
+
+
 class ModelSettings(Section):
     # "colqwen2" or "colpali"; the id/path is passed to from_pretrained as-is.
     family: Literal["colqwen2", "colpali"] = "colqwen2"
@@ -191,9 +213,64 @@ class QdrantSettings(Section):
 
 
 class ApiSettings(Section):
-    host: str = "0.0.0.0"
+    # None: 0.0.0.0 when API keys are configured, else loopback only (see api.auth).
+    host: str | None = None
     port: int = 8000
     public_url: str = "http://127.0.0.1:8000"
+    # JSON list of ApiKeySpec, e.g. COLSTREAM_API__KEYS='[{"key": "...", "scopes": ["read"]}]'.
+    keys: list[ApiKeySpec] = Field(default_factory=list)
+    # The same list read from a file (a mounted Kubernetes Secret); adds to ``keys``.
+    keys_file: Path | None = None
+    # Serve a non-loopback address without any key. Only for networks that are private by other means.
+    allow_unauthenticated: bool = False
+    # Request bodies above this are refused with 413 while they stream in.
+    max_upload_bytes: int = Field(default=256 * 1024 * 1024 + 1024 * 1024, ge=1024)
+
+
+WebhookEvent = Literal["complete", "partial", "failed", "deleted"]
+ALL_WEBHOOK_EVENTS: list[WebhookEvent] = ["complete", "partial", "failed", "deleted"]
+
+
+class WebhookEndpoint(Section):
+    """A receiver of signed ``DocumentIndexed`` events (Standard Webhooks)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    url: str = Field(min_length=8, max_length=2048)
+    secret: SecretStr = Field(description="whsec_<base64>, as the Standard Webhooks specification writes it.")
+    tenant: str | None = Field(default=None, min_length=1, max_length=256)
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(ALL_WEBHOOK_EVENTS), min_length=1)
+
+    @field_validator("secret")
+    @classmethod
+    def _whsec(cls, secret: SecretStr) -> SecretStr:
+        value = secret.get_secret_value()
+        if not value.startswith("whsec_"):
+            raise ValueError("webhook secret must start with 'whsec_' followed by base64")
+        try:
+            raw = base64.b64decode(value[len("whsec_") :], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("webhook secret after 'whsec_' is not valid base64") from exc
+        if len(raw) < 24:
+            raise ValueError("webhook secret must hold at least 24 random bytes (32 recommended)")
+        return secret
+
+
+class WebhookSettings(Section):
+    # JSON list of WebhookEndpoint.
+    endpoints: list[WebhookEndpoint] = Field(default_factory=list)
+    # Hosts webhooks may be sent to, "host" or "host:port". Loopback only when listed.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # One delivery is retried with exponential backoff and jitter for at most this long,
+    # then dead-lettered with the last status.
+    retry_for_s: float = Field(default=300.0, gt=0)
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
+    # Batches of indexed events delivered concurrently: a slow endpoint holds back
+    # commits, not other endpoints, until this many batches wait on it.
+    max_in_flight: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=16, ge=1)
 
 
 class EventGridSettings(Section):
@@ -257,6 +334,36 @@ class ShutdownSettings(Section):
     grace_s: float = Field(default=20.0, gt=0)
 
 
+class MetricsSettings(Section):
+    # A stage run alone serves /metrics, /livez and /readyz here; `run all` serves
+    # them on the API port instead (and here when it runs without the API).
+    host: str = "0.0.0.0"
+    port: int = Field(default=9400, ge=0, le=65535)
+    # How often the pages-pending gauge is recomputed from the consumer groups' offsets.
+    pending_interval_s: float = Field(default=15.0, gt=0)
+    # librdkafka statistics (consumer lag per partition) every this many ms; 0 = off.
+    kafka_statistics_interval_ms: int = Field(default=5_000, ge=0)
+
+
+class HealthSettings(Section):
+    # /livez fails when the poll loop has not turned for this long (a wedged loop
+    # cannot keep its partitions alive, so the pod must restart) ...
+    poll_stall_s: float = Field(default=60.0, gt=0)
+    # ... or when one batch has been in the handler this long: a multiple of the worst
+    # expected batch (a 2,000-page render, a GPU batch), so only a hung handler trips it.
+    max_batch_s: float = Field(default=900.0, gt=0)
+    # The API's /health reports background checks of Kafka and Qdrant, refreshed this
+    # often; each check gives up after check_timeout_s.
+    check_interval_s: float = Field(default=5.0, gt=0)
+    check_timeout_s: float = Field(default=3.0, gt=0)
+
+
+class LogSettings(Section):
+    # "auto": text on a terminal, JSON otherwise (pods, pipes, files).
+    format: Literal["auto", "json", "text"] = "auto"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
 def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in changes.items():
@@ -281,10 +388,12 @@ class ColstreamSettings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     blob: BlobSettings = Field(default_factory=BlobSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    converter: ConverterSettings = Field(default_factory=ConverterSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     eventgrid: EventGridSettings = Field(default_factory=EventGridSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     splitter: SplitterSettings = Field(default_factory=SplitterSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     sink: SinkSettings = Field(default_factory=SinkSettings)

@@ -21,6 +21,15 @@ if ! command -v kcat >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get install -y -q kcat >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q kcat >/dev/null; }
 fi
+if ! command -v soffice >/dev/null 2>&1; then
+  echo "bootstrap: installing LibreOffice headless (Debian packages) for Office conversion"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  LO_PACKAGES="libreoffice-core libreoffice-writer libreoffice-calc libreoffice-impress"
+  # shellcheck disable=SC2086
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $LO_PACKAGES >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null \
+         && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $LO_PACKAGES >/dev/null; }
+fi
 if ! command -v chromium >/dev/null 2>&1 || [ ! -x /usr/bin/chromedriver ]; then
   echo "bootstrap: installing Chromium and its driver (Debian packages) for the console's browser tests"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

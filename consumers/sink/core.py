@@ -132,6 +132,7 @@ class SinkCore:
                         indexed_pages=len(rec.indexed_pages),
                         failed_pages=sorted(rec.failed_pages),
                         model=rec.model,
+                        metadata=rec.metadata,
                     )
                 )
         if changed:
@@ -155,6 +156,8 @@ class SinkCore:
                 filename=ref.filename,
                 blob_uri=ref.blob_uri,
                 error=None if isinstance(message, DocumentDeleted) else f"{message.error_type}: {message.message}",
+                # A tombstone carries no metadata: the document stays its tenant's after a delete.
+                metadata=ref.metadata if ref.metadata is not None else (rec.metadata if rec is not None else None),
             )
             plan.purge_all, plan.purge_below = True, None
             plan.upserts.clear()
@@ -170,6 +173,7 @@ class SinkCore:
                 filename=ref.filename,
                 blob_uri=ref.blob_uri,
                 total_pages=message.total_pages,
+                metadata=ref.metadata,
             )
             plan.record = rec
             plan.purge_all, plan.purge_below = False, ref.version
@@ -188,6 +192,7 @@ class SinkCore:
                 model=message.model,
                 vectors=message.to_array(),
                 grid=_patch_grid(message),
+                metadata=ref.metadata,
             )
             if page not in rec.indexed_pages:
                 rec.indexed_pages = sorted([*rec.indexed_pages, page])
@@ -195,6 +200,7 @@ class SinkCore:
                 rec.failed_pages = [p for p in rec.failed_pages if p != page]
             rec.model = message.model
             rec.embedding_dimension = message.dim
+            rec.tokens_per_page = max(rec.tokens_per_page or 0, message.num_tokens)
         else:
             if page not in rec.failed_pages and page not in rec.indexed_pages:
                 rec.failed_pages = sorted([*rec.failed_pages, page])
