@@ -35,11 +35,12 @@ import qdrant_edge as edge
 from _common import Report, Row, alternate, log, pairwise_ratios, spread
 
 from colstream.consumers.sink.stage import SinkHandler
+from colstream.infra.kafka import RecordPosition
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_runner import RawRecord
 from colstream.infra.vectorstore import page_point_id
 from colstream.infra.vectorstore_edge import EdgeVectorStore
-from colstream.schemas import DocumentRef, PageVectors, RecordPosition, encode
+from colstream.schemas import DocumentRef, PageVectors, encode
 
 BATCH = 64  # build_sink's batch_size
 DIM = 128

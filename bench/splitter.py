@@ -33,10 +33,9 @@ from colstream.consumers.splitter.stage import SplitterHandler
 from colstream.consumers.splitter.workers import StreamingRenderer
 from colstream.embedding.profile import render_target_for
 from colstream.infra.blobstore import open_blob_store
-from colstream.infra.kafka import OutRecord, ProducerClient
+from colstream.infra.kafka import OutRecord, ProducerClient, RecordPosition
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_runner import RawRecord
-from colstream.schemas import RecordPosition
 
 PROCESSES = 2
 CHUNK_PAGES = 8

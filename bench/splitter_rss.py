@@ -29,9 +29,9 @@ from colstream.consumers.splitter.stage import SplitterHandler
 from colstream.consumers.splitter.workers import StreamingRenderer
 from colstream.embedding.profile import render_target_for
 from colstream.infra.blobstore import open_blob_store
-from colstream.infra.kafka import OutRecord, ProducerClient
+from colstream.infra.kafka import OutRecord, ProducerClient, RecordPosition
 from colstream.infra.stage_runner import RawRecord
-from colstream.schemas import RecordPosition, UploadEvent, encode
+from colstream.schemas import UploadEvent, encode
 
 PAGES = 1000
 MB = 1024 * 1024

@@ -29,17 +29,33 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
 from colstream.embedding.model import EmbeddingModel, ImageGrid, ModelInputs
+from colstream.infra.settings import LimitSettings
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
+
+
+class PageModel(Protocol):
+    """What the engine needs of a model: :class:`EmbeddingModel`, or a stand-in in tests
+    (:class:`colstream.testing.DummyPageModel`)."""
+
+    device: torch.device
+
+    def visual_token_estimate(self, width: int, height: int) -> int: ...
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> ModelInputs: ...
+
+    def forward(self, inputs: ModelInputs) -> torch.Tensor: ...
+
+    def image_grids(self, inputs: ModelInputs) -> list[ImageGrid | None]: ...
 
 
 @dataclass(frozen=True)
@@ -127,12 +143,12 @@ class _Forwarded:
 
 @dataclass
 class PipelinedEmbedder:
-    model: EmbeddingModel
+    model: PageModel
     max_batch_size: int
     queue_depth: int = 2
     preprocess_workers: int = 2
-    # Decompression bombs: refuse before decoding (see LimitSettings.max_image_pixels).
-    max_image_pixels: int | None = 100_000_000
+    # Decompression bombs: refuse before decoding. Stages pass LimitSettings.max_image_pixels.
+    max_image_pixels: int | None = field(default_factory=lambda: LimitSettings().max_image_pixels)
     stats: EngineStats = field(default_factory=EngineStats)
 
     def __post_init__(self) -> None:
@@ -326,11 +342,10 @@ class PipelinedEmbedder:
                     item.ready.synchronize()
                 vectors = EmbeddingModel.postprocess(item.outputs, item.attention_mask, np.float16)
                 grids = self.model.image_grids(item.inputs) if item.inputs is not None else [None] * len(vectors)
+                # What the vectors may contain is checked once, where they become a
+                # message (PageVectors.from_array): NaN/inf pages fail there.
                 for index, page_vectors, grid in zip(item.indices, vectors, grids, strict=True):
-                    if not np.isfinite(page_vectors).all():
-                        item.group.fail_item(index, FloatingPointError("model produced non-finite vectors"))
-                    else:
-                        item.group.resolve(index, EmbedResult(item.group.keys[index], page_vectors, grid=grid))
+                    item.group.resolve(index, EmbedResult(item.group.keys[index], page_vectors, grid=grid))
             except BaseException as exc:
                 log.exception("postprocessing failed")
                 item.group.fail(exc)

@@ -42,6 +42,7 @@ from typing import IO, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from colstream.infra.settings import BlobSettings, ColstreamSettings
+from colstream.schemas.errors import PipelineError
 
 BlobErrorType = Literal["BlobNotFound", "BlobNotAllowed", "BlobTooLarge", "BlobUnavailable"]
 
@@ -51,11 +52,11 @@ _CONTAINER_RE = re.compile(r"^(?:\$root|[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}
 _MAX_BLOB_NAME = 1024
 
 
-class BlobError(Exception):
+class BlobError(PipelineError):
     """A blob could not be used; ``error_type`` says why in one word for DLQ records."""
 
     def __init__(self, error_type: BlobErrorType, message: str, uri: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(error_type, message)
         self.error_type: BlobErrorType = error_type
         self.message = message
         self.uri = uri

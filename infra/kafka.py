@@ -1,4 +1,9 @@
-"""Thin confluent-kafka plumbing: lazily built clients, topic creation, produce-and-wait."""
+"""Thin confluent-kafka plumbing: lazily built clients, topic creation, produce-and-wait.
+
+The stage runner and :class:`ProducerClient` build their clients through factories
+(:data:`ConsumerFactory`, :data:`ProducerFactory`), so the same code runs on the
+real librdkafka clients and on the in-memory broker of :mod:`colstream.testing`.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,23 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol, overload
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from colstream.infra.settings import ColstreamSettings, TopicSettings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPosition:
+    """Where a consumed record sits: it travels beside the payload, never inside it."""
+
+    topic: str
+    partition: int
+    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +40,71 @@ class OutRecord:
 
 
 DeliveryCallback = Callable[[KafkaError | None, Message], None]
+RebalanceCallback = Callable[[Any, list[TopicPartition]], None]
+
+
+class ConsumerLike(Protocol):
+    """What the stage runner uses of a consumer (librdkafka's, or an in-memory fake)."""
+
+    def subscribe(
+        self,
+        topics: list[str],
+        on_assign: RebalanceCallback | None = None,
+        on_revoke: RebalanceCallback | None = None,
+        on_lost: RebalanceCallback | None = None,
+    ) -> None: ...
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]: ...
+
+    def poll(self, timeout: float = -1) -> Message | None: ...
+
+    def assignment(self) -> list[TopicPartition]: ...
+
+    def pause(self, partitions: list[TopicPartition]) -> None: ...
+
+    def resume(self, partitions: list[TopicPartition]) -> None: ...
+
+    def seek(self, partition: TopicPartition) -> None: ...
+
+    @overload
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: Literal[True] = ...) -> None: ...
+
+    @overload
+    def commit(self, *, offsets: list[TopicPartition], asynchronous: Literal[False]) -> list[TopicPartition]: ...
+
+    def close(self) -> None: ...
+
+
+class ProducerLike(Protocol):
+    """What :class:`ProducerClient` uses of a producer."""
+
+    def produce(
+        self,
+        topic: str,
+        value: str | bytes | None = None,
+        key: str | bytes | None = None,
+        partition: int = -1,
+        callback: DeliveryCallback | None = None,
+        on_delivery: DeliveryCallback | None = None,
+        timestamp: int = 0,
+        headers: Any = None,
+    ) -> None: ...
+
+    def poll(self, timeout: float = -1) -> int: ...
+
+    def flush(self, timeout: float = -1) -> int: ...
+
+
+ConsumerFactory = Callable[[dict[str, Any]], ConsumerLike]
+ProducerFactory = Callable[[dict[str, Any]], ProducerLike]
+
+
+def kafka_consumer(config: dict[str, Any]) -> ConsumerLike:
+    return Consumer(config)
+
+
+def kafka_producer(config: dict[str, Any]) -> ProducerLike:
+    return Producer(config)
 
 
 class DeliveryFailed(RuntimeError):
@@ -51,20 +130,31 @@ class DeliveryTracker:
 
 
 class ProducerClient:
-    """One producer per process, created on first use; ``flush_or_raise`` is the durability fence."""
+    """One producer, created on first use.
 
-    def __init__(self, settings: ColstreamSettings, extra: dict[str, Any] | None = None) -> None:
+    Stages pass a delivery callback per record and commit once their batch's records
+    are acknowledged; a plain ``send`` without a callback is tracked here instead,
+    and ``flush_or_raise`` waits for those (publishers, tools)."""
+
+    def __init__(
+        self,
+        settings: ColstreamSettings,
+        extra: dict[str, Any] | None = None,
+        *,
+        factory: ProducerFactory = kafka_producer,
+    ) -> None:
         self._settings = settings
         self._extra = extra or {}
-        self._producer: Producer | None = None
+        self._factory = factory
+        self._producer: ProducerLike | None = None
         self._tracker = DeliveryTracker()
         self._lock = threading.Lock()
 
     @property
-    def producer(self) -> Producer:
+    def producer(self) -> ProducerLike:
         with self._lock:
             if self._producer is None:
-                self._producer = Producer({**self._settings.kafka.producer_config(), **self._extra})
+                self._producer = self._factory({**self._settings.kafka.producer_config(), **self._extra})
             return self._producer
 
     def send(self, record: OutRecord, on_delivery: DeliveryCallback | None = None) -> None:
@@ -126,9 +216,9 @@ class ProducerClient:
         if self._producer is not None:
             self._producer.poll(timeout_s)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
         if self._producer is not None:
-            self._producer.flush(10)
+            self._producer.flush(timeout_s)
             self._producer = None
 
 

@@ -56,6 +56,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from colstream.infra.settings import QdrantSettings
+from colstream.schemas.errors import PipelineError
 from colstream.schemas.events import DocumentRecord
 
 DEFAULT_DIM = 128
@@ -79,8 +80,14 @@ _RECORD_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://colstream/records")
 PAGE_PAYLOAD_KEYS = ("document_id", "version", "page_number", "total_pages", "filename", "blob_uri", "model")
 
 
-class InvalidVectorsError(ValueError):
+class InvalidVectorsError(PipelineError, ValueError):
     """A page's multivector cannot be stored (wrong shape, NaN or inf)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("InvalidVectors", message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message,))
 
 
 def page_point_id(document_id: str, page_number: int) -> str:

@@ -1,7 +1,7 @@
 """The shared vocabulary: event contracts that producers, consumers and tools all speak."""
 
-from colstream.schemas.codec import InvalidRecord, decode_pipeline, decode_upload, decode_vectors, encode
-from colstream.schemas.envelope import Envelope, RecordPosition
+from colstream.schemas.codec import InvalidRecord, decode_page_message, decode_upload, decode_vectors, encode
+from colstream.schemas.errors import PipelineError
 from colstream.schemas.events import (
     SCHEMA_VERSION,
     DeadLetter,
@@ -11,9 +11,11 @@ from colstream.schemas.events import (
     DocumentRecord,
     DocumentRef,
     PageFailed,
+    PageMessage,
     PageTask,
     PageVectors,
     UploadEvent,
+    VectorsMessage,
 )
 
 __all__ = [
@@ -24,14 +26,15 @@ __all__ = [
     "DocumentIndexed",
     "DocumentRecord",
     "DocumentRef",
-    "Envelope",
     "InvalidRecord",
     "PageFailed",
+    "PageMessage",
     "PageTask",
     "PageVectors",
-    "RecordPosition",
+    "PipelineError",
     "UploadEvent",
-    "decode_pipeline",
+    "VectorsMessage",
+    "decode_page_message",
     "decode_upload",
     "decode_vectors",
     "encode",

@@ -7,24 +7,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from colstream.schemas.errors import PipelineError
 from colstream.schemas.events import (
-    PIPELINE_MESSAGE,
+    PAGE_MESSAGE,
     VECTORS_MESSAGE,
-    DocumentDeleted,
-    DocumentFailed,
-    PageFailed,
-    PageTask,
-    PageVectors,
+    PageMessage,
     UploadEvent,
+    VectorsMessage,
 )
+from colstream.schemas.ids import DOCUMENT_ID_RULE, is_valid_document_id
 
 
-class InvalidRecord(ValueError):
-    """A record that no retry can fix: it goes to the dead-letter topic."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.error_type = error_type
+class InvalidRecord(PipelineError, ValueError):
+    """A record that does not decode into its topic's contract: it goes to the dead-letter topic."""
 
 
 def _summarise(exc: ValidationError) -> str:
@@ -47,6 +42,9 @@ def decode_upload(key: str | None, value: bytes | None) -> UploadEvent | None:
     if value is None:
         if not key:
             raise InvalidRecord("MissingKey", "tombstone without a key: nothing to delete")
+        if not is_valid_document_id(key):
+            # The same id rule as uploads: a near-miss key must not delete another document.
+            raise InvalidRecord("InvalidKey", f"tombstone key is not a document id: {DOCUMENT_ID_RULE}")
         return None
     data = _load_json(value)
     if not isinstance(data, dict):
@@ -73,17 +71,19 @@ def decode_upload(key: str | None, value: bytes | None) -> UploadEvent | None:
     return event
 
 
-def decode_pipeline(value: bytes | None) -> PageTask | PageFailed | DocumentDeleted | DocumentFailed:
+def decode_page_message(value: bytes | None) -> PageMessage:
+    """A pages-topic record: a page task, or a page/document failure or delete passing through."""
     if value is None:
         raise InvalidRecord("UnexpectedTombstone", "null value on the pages topic")
     data = _load_json(value)
     try:
-        return PIPELINE_MESSAGE.validate_python(data)
+        return PAGE_MESSAGE.validate_python(data)
     except ValidationError as exc:
         raise InvalidRecord("InvalidPageMessage", f"invalid pages-topic message: {_summarise(exc)}") from exc
 
 
-def decode_vectors(value: bytes | None) -> PageVectors | PageFailed | DocumentDeleted | DocumentFailed:
+def decode_vectors(value: bytes | None) -> VectorsMessage:
+    """A vectors-topic record: page vectors, or a page/document failure or delete passing through."""
     if value is None:
         raise InvalidRecord("UnexpectedTombstone", "null value on the vectors topic")
     data = _load_json(value)

@@ -2,8 +2,8 @@
 
 All payloads are plain JSON a person can type with kcat. Binary parts (page
 images, float16 vectors) are base64 inside that JSON. Every model is frozen:
-where a record came from (topic, partition, offset) travels beside it in an
-:class:`~colstream.schemas.envelope.Envelope`, never inside it.
+where a record came from (topic, partition, offset) travels beside it (the stage
+runner's ``RawRecord``), never inside it.
 
 Versions: an upload's version is the offset of its record in the compacted,
 document_id-keyed uploads topic. Offsets only grow per partition and a key
@@ -18,7 +18,7 @@ import base64
 import re
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
@@ -253,18 +253,14 @@ class PageVectors(_Frozen):
         return self._array
 
 
-PipelineMessage = Annotated[
-    PageTask | PageFailed | DocumentDeleted | DocumentFailed, Field(discriminator="type")
-]
-VectorsMessage = Annotated[
-    PageVectors | PageFailed | DocumentDeleted | DocumentFailed, Field(discriminator="type")
-]
-PIPELINE_MESSAGE: TypeAdapter[PageTask | PageFailed | DocumentDeleted | DocumentFailed] = TypeAdapter(
-    PipelineMessage
-)
-VECTORS_MESSAGE: TypeAdapter[PageVectors | PageFailed | DocumentDeleted | DocumentFailed] = TypeAdapter(
-    VectorsMessage
-)
+# What the pages topic (splitter -> embedder) and the vectors topic (embedder -> sink) carry.
+PageMessage: TypeAlias = PageTask | PageFailed | DocumentDeleted | DocumentFailed
+VectorsMessage: TypeAlias = PageVectors | PageFailed | DocumentDeleted | DocumentFailed
+# The same unions, told apart by their ``type`` field (decoding, JSON Schema).
+PAGE_MESSAGE_SCHEMA = Annotated[PageMessage, Field(discriminator="type")]
+VECTORS_MESSAGE_SCHEMA = Annotated[VectorsMessage, Field(discriminator="type")]
+PAGE_MESSAGE: TypeAdapter[PageMessage] = TypeAdapter(PAGE_MESSAGE_SCHEMA)
+VECTORS_MESSAGE: TypeAdapter[VectorsMessage] = TypeAdapter(VECTORS_MESSAGE_SCHEMA)
 
 
 class DocumentIndexed(_Frozen):

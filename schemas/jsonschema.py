@@ -15,19 +15,19 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from colstream.schemas.events import (
+    PAGE_MESSAGE_SCHEMA,
+    VECTORS_MESSAGE_SCHEMA,
     DeadLetter,
     DocumentIndexed,
-    PipelineMessage,
     UploadEvent,
-    VectorsMessage,
 )
 
 SCHEMA_DIR = Path(__file__).resolve().parent / "json"
 
 CONTRACTS: dict[str, Any] = {
     "upload-event": UploadEvent,
-    "pages-message": PipelineMessage,
-    "vectors-message": VectorsMessage,
+    "pages-message": PAGE_MESSAGE_SCHEMA,
+    "vectors-message": VECTORS_MESSAGE_SCHEMA,
     "document-indexed": DocumentIndexed,
     "dead-letter": DeadLetter,
 }

@@ -19,7 +19,8 @@ from colstream.embedding.engine import EmbedItem, EmbedResult, PipelinedEmbedder
 from colstream.infra.blobstore import BlobError, BlobStore, open_blob_store
 from colstream.infra.kafka import OutRecord
 from colstream.infra.settings import ColstreamSettings
-from colstream.infra.stage_runner import Emit, RawRecord, StageRunner, dead_letter
+from colstream.infra.stage_failures import StageFailures
+from colstream.infra.stage_runner import Backpressure, Emit, RawRecord, StageRunner
 from colstream.schemas import (
     DocumentDeleted,
     DocumentFailed,
@@ -27,7 +28,7 @@ from colstream.schemas import (
     PageFailed,
     PageTask,
     PageVectors,
-    decode_pipeline,
+    decode_page_message,
     encode,
 )
 
@@ -47,6 +48,7 @@ class EmbedderHandler:
         self.engine = engine
         self.model_name = model_name
         self.blob_store = blob_store
+        self.failures = StageFailures(STAGE, self.topics.dlq)
 
     def submit(self, records: Sequence[RawRecord], emit: Emit) -> Future[list[OutRecord]]:
         # slots keep input order: an OutRecord list per input record, or a page task
@@ -55,9 +57,9 @@ class EmbedderHandler:
         items: list[EmbedItem] = []
         for record in records:
             try:
-                message = decode_pipeline(record.value)
+                message = decode_page_message(record.value)
             except InvalidRecord as exc:
-                slots.append([dead_letter(STAGE, self.topics.dlq, record, exc.error_type, str(exc))])
+                slots.append([self.failures.reject(record, exc.error_type, str(exc))])
                 continue
             if isinstance(message, PageFailed | DocumentDeleted | DocumentFailed):
                 slots.append([OutRecord(self.topics.vectors, message.document.document_id, encode(message))])
@@ -80,7 +82,14 @@ class EmbedderHandler:
 
         def finish(done: Future[list[EmbedResult]]) -> None:
             try:
-                by_slot: dict[Any, EmbedResult] = {r.key: r for r in done.result()}
+                embedded = done.result()
+            except Exception as exc:
+                # The model itself failed (not one page): retry the batch later rather
+                # than dead-letter good pages.
+                result.set_exception(Backpressure(f"embedding failed: {exc!r}"))
+                return
+            try:
+                by_slot: dict[Any, EmbedResult] = {r.key: r for r in embedded}
                 outputs: list[OutRecord] = []
                 for index, slot in enumerate(slots):
                     if isinstance(slot, list):
@@ -106,25 +115,21 @@ class EmbedderHandler:
                 array=embedded.vectors,
                 image_grid=(grid.start, grid.rows, grid.cols) if (grid := embedded.grid) is not None else None,
             )
-        except ValueError as exc:  # NaN/inf or empty output: never let it reach Qdrant
+        except ValueError as exc:  # the embedder's output check: NaN/inf or empty never reach Qdrant
             return self._page_failed(record, task, "InvalidEmbedding", str(exc))
         return [OutRecord(self.topics.vectors, task.document.document_id, encode(vectors))]
 
     def _page_failed(self, record: RawRecord, task: PageTask, error_type: str, message: str) -> list[OutRecord]:
-        ref = task.document
-        failed = PageFailed(document=ref, page_number=task.page_number, total_pages=task.total_pages,
-                            stage=STAGE, error_type=error_type, message=message)
-        return [
-            dead_letter(STAGE, self.topics.dlq, record, error_type, message,
-                        document_id=ref.document_id, version=ref.version, page_number=task.page_number),
-            OutRecord(self.topics.vectors, ref.document_id, encode(failed)),
-        ]
+        letter, failed = self.failures.page(record, task.document, page_number=task.page_number,
+                                            total_pages=task.total_pages, error_type=error_type, message=message)
+        return [letter, self.failures.downstream(self.topics.vectors, failed)]
 
     def close(self) -> None:
         self.engine.close()
 
 
-def build_embedder(settings: ColstreamSettings) -> StageRunner:
+def build_embedder(settings: ColstreamSettings, **runner_options: Any) -> StageRunner:
+    """``runner_options`` go to :class:`StageRunner` (injected clients in tests)."""
     from colstream.embedding.model import load_model
 
     model = load_model(settings.model)
@@ -132,6 +137,7 @@ def build_embedder(settings: ColstreamSettings) -> StageRunner:
         model,
         max_batch_size=settings.model.batch_size,
         preprocess_workers=settings.model.preprocess_workers,
+        max_image_pixels=settings.limits.max_image_pixels,
     )
     handler = EmbedderHandler(settings, engine, model.model_name, open_blob_store(settings))
     return StageRunner(
@@ -141,6 +147,7 @@ def build_embedder(settings: ColstreamSettings) -> StageRunner:
         group_id=f"{settings.consumer_group_prefix}embedder",
         batch_size=settings.model.batch_size,
         batch_timeout_ms=settings.model.batch_timeout_ms,
-        # One batch on the device, one being preprocessed.
-        max_in_flight=4,
+        # While the device runs one batch, CPU workers preprocess the next ones.
+        max_in_flight=settings.embedder.max_in_flight,
+        **runner_options,
     )

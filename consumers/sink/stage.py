@@ -8,123 +8,124 @@ writes durably; only then are completion events produced to
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
-from colstream.consumers.sink.core import SinkCore, SinkOutcome, VectorsMessage
+from colstream.consumers.sink.core import SinkCore, SinkOutcome
 from colstream.infra.kafka import OutRecord
 from colstream.infra.settings import ColstreamSettings
-from colstream.infra.stage_runner import Emit, RawRecord, StageRunner, dead_letter
-from colstream.infra.vectorstore import VectorStore, open_vector_store
-from colstream.schemas import InvalidRecord, PageFailed, PageVectors, decode_vectors, encode
+from colstream.infra.stage_failures import StageFailures
+from colstream.infra.stage_runner import Backpressure, Emit, RawRecord, StageRunner
+from colstream.infra.vectorstore import InvalidVectorsError, VectorStore, open_vector_store
+from colstream.schemas import InvalidRecord, PageVectors, PipelineError, VectorsMessage, decode_vectors, encode
 
 log = logging.getLogger(__name__)
 
 STAGE = "sink"
 
 
-class InvalidVectors(InvalidRecord):
-    def __init__(self, message: PageVectors, reason: str) -> None:
-        super().__init__("InvalidVectors", reason)
-        self.message = message
-
-    def as_page_failed(self) -> PageFailed:
-        m = self.message
-        return PageFailed(document=m.document, page_number=m.page_number, total_pages=m.total_pages,
-                          stage=STAGE, error_type=self.error_type, message=str(self))
-
-
 def check_vectors(message: PageVectors, dim: int) -> None:
-    """Qdrant must never see a NaN or a wrong-sized vector; such a page is dead-lettered."""
+    """The sink's input check, the one place vectors from the topic are validated:
+    Qdrant must never see a NaN or a wrong-sized vector; such a page is dead-lettered."""
     try:
         array = message.to_array()
     except ValueError as exc:
-        raise InvalidVectors(message, f"vectors do not decode to {message.num_tokens}x{message.dim}: {exc}") from exc
+        raise InvalidVectorsError(f"vectors do not decode to {message.num_tokens}x{message.dim}: {exc}") from exc
     if message.dim != dim:
-        raise InvalidVectors(message, f"vectors have dimension {message.dim}, the collection holds {dim}")
+        raise InvalidVectorsError(f"vectors have dimension {message.dim}, the collection holds {dim}")
     if not np.isfinite(array).all():
-        raise InvalidVectors(message, "vectors contain NaN or inf")
+        raise InvalidVectorsError("vectors contain NaN or inf")
     if message.page_number > message.total_pages:
-        raise InvalidVectors(message, f"page {message.page_number} of {message.total_pages}")
+        raise InvalidVectorsError(f"page {message.page_number} of {message.total_pages}")
+
+
+def index_dimension(store: VectorStore) -> int:
+    """The vector size of the pages collection the sink writes to. The sink checks
+    incoming vectors against what the index holds (not against a model it never
+    loads): that is what a write must match, and a page of another size is refused
+    on its own instead of failing the whole batch in the store."""
+    dim = store.stats().get("vector_dimension")
+    if not isinstance(dim, int):
+        raise RuntimeError("the pages collection does not exist yet: call ensure_collections() first")
+    return dim
 
 
 class SinkHandler:
     name = STAGE
 
-    def __init__(self, settings: ColstreamSettings, store: VectorStore, *, write_attempts: int = 8) -> None:
+    def __init__(self, settings: ColstreamSettings, store: VectorStore, *, dim: int | None = None) -> None:
         self.settings = settings
         self.topics = settings.topics
         self.store = store
         self.core = SinkCore(store)
-        self.dim = 128
-        self.write_attempts = write_attempts
+        self.dim = index_dimension(store) if dim is None else dim
+        self.failures = StageFailures(STAGE, self.topics.dlq)
+        # Writes run here, off the poll thread; one at a time keeps latest-wins in order.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
 
     def submit(self, records: Sequence[RawRecord], emit: Emit) -> Future[list[OutRecord]]:
-        result: Future[list[OutRecord]] = Future()
-        try:
-            result.set_result(self.write(records))
-        except BaseException as exc:
-            result.set_exception(exc)
-        return result
+        return self._executor.submit(self.write, list(records))
 
     def write(self, records: Sequence[RawRecord]) -> list[OutRecord]:
+        """Validate, apply latest-wins durably, and return the dead letters and completion
+        events. A store outage raises :class:`Backpressure`: the runner retries the batch."""
         outputs: list[OutRecord] = []
         messages: list[VectorsMessage] = []
         for record in records:
             try:
                 message = decode_vectors(record.value)
-                if isinstance(message, PageVectors):
-                    check_vectors(message, self.dim)
-            except InvalidVectors as exc:
-                ref = exc.message.document
-                outputs.append(dead_letter(STAGE, self.topics.dlq, record, exc.error_type, str(exc),
-                                           document_id=ref.document_id, version=ref.version,
-                                           page_number=exc.message.page_number))
-                # The page still settles (as failed), so its document can complete.
-                messages.append(exc.as_page_failed())
-                continue
             except InvalidRecord as exc:
-                outputs.append(dead_letter(STAGE, self.topics.dlq, record, exc.error_type, str(exc)))
+                outputs.append(self.failures.reject(record, exc.error_type, str(exc)))
                 continue
+            if isinstance(message, PageVectors):
+                try:
+                    check_vectors(message, self.dim)
+                except InvalidVectorsError as exc:
+                    letter, failed = self.failures.page(
+                        record, message.document, page_number=message.page_number,
+                        total_pages=message.total_pages, error_type=exc.error_type, message=str(exc))
+                    outputs.append(letter)
+                    # The page still settles (as failed), so its document can complete.
+                    messages.append(failed)
+                    continue
             messages.append(message)
         if messages:
-            outcome = self._apply_with_retry(messages)
+            outcome = self._apply(messages)
             outputs.extend(
                 OutRecord(self.topics.indexed, done.document_id, encode(done)) for done in outcome.completed
             )
         return outputs
 
-    def _apply_with_retry(self, messages: list[VectorsMessage]) -> SinkOutcome:
-        # A store outage is not the documents' fault: retry with backoff, and if it
-        # persists let the stage stop uncommitted so a restart replays the batch.
-        delay = 0.5
-        for attempt in range(1, self.write_attempts + 1):
-            try:
-                return self.core.apply(messages)
-            except Exception as exc:
-                if attempt == self.write_attempts:
-                    raise
-                log.warning("sink: write failed (%s), attempt %d/%d", exc, attempt, self.write_attempts)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        raise AssertionError("unreachable")
+    def _apply(self, messages: list[VectorsMessage]) -> SinkOutcome:
+        try:
+            return self.core.apply(messages)
+        except PipelineError:
+            raise  # refused for what it is (the index belongs to another model): not transient
+        except Exception as exc:
+            # A store outage is not the documents' fault: the runner pauses, rewinds
+            # and retries the batch after a delay; nothing is committed meanwhile.
+            raise Backpressure(f"store write failed: {exc!r}") from exc
 
     def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
 
-def build_sink(settings: ColstreamSettings, store: VectorStore | None = None) -> StageRunner:
+def build_sink(settings: ColstreamSettings, store: VectorStore | None = None, **runner_options: Any) -> StageRunner:
+    """``runner_options`` go to :class:`StageRunner` (injected clients in tests)."""
     store = store or open_vector_store(settings.qdrant)
     store.ensure_collections()
+    tunables = settings.sink
     return StageRunner(
         settings,
         SinkHandler(settings, store),
         topics=[settings.topics.vectors],
         group_id=f"{settings.consumer_group_prefix}sink",
-        batch_size=64,
-        batch_timeout_ms=100,
-        max_in_flight=1,
+        batch_size=tunables.batch_size,
+        batch_timeout_ms=tunables.batch_timeout_ms,
+        max_in_flight=tunables.max_in_flight,
+        **runner_options,
     )

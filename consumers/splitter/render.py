@@ -33,6 +33,7 @@ import pypdfium2.raw as pdfium_c
 from PIL import Image, ImageOps
 
 from colstream.infra.settings import LimitSettings
+from colstream.schemas.errors import PipelineError
 
 DocumentKind = Literal["pdf", "image"]
 
@@ -75,28 +76,18 @@ class PlainTarget:
         return cls(target.max_pixels, target.min_side, target.max_side)
 
 
-class DocumentError(Exception):
+class DocumentError(PipelineError):
     """Nothing of this document can be indexed. ``error_type`` is stable; the message is for people."""
 
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(f"{error_type}: {message}")
-        self.error_type = error_type
-        self.message = message
-
-    def __reduce__(self) -> tuple[type[DocumentError], tuple[str, str]]:
-        return (type(self), (self.error_type, self.message))
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
 
 
-class PageError(Exception):
+class PageError(PipelineError):
     """One page cannot be indexed; the rest of its document goes on."""
 
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(f"{error_type}: {message}")
-        self.error_type = error_type
-        self.message = message
-
-    def __reduce__(self) -> tuple[type[PageError], tuple[str, str]]:
-        return (type(self), (self.error_type, self.message))
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
 
 
 @dataclass(frozen=True, slots=True)

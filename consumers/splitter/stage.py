@@ -14,6 +14,7 @@ import base64
 import logging
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from colstream.consumers.splitter.render import DocumentError, RenderedPage, sniff_kind
 from colstream.consumers.splitter.workers import PageFailure, StreamingRenderer
@@ -21,13 +22,12 @@ from colstream.embedding.profile import RenderTarget, render_target_for
 from colstream.infra.blobstore import BlobError, BlobStore, open_blob_store
 from colstream.infra.kafka import OutRecord
 from colstream.infra.settings import ColstreamSettings
-from colstream.infra.stage_runner import Emit, RawRecord, StageRunner, dead_letter
+from colstream.infra.stage_failures import StageFailures
+from colstream.infra.stage_runner import Emit, RawRecord, StageRunner
 from colstream.schemas import (
     DocumentDeleted,
-    DocumentFailed,
     DocumentRef,
     InvalidRecord,
-    PageFailed,
     PageTask,
     decode_upload,
     encode,
@@ -55,6 +55,7 @@ class SplitterHandler:
         self.blob_store = blob_store
         self.renderer = renderer
         self.target = target
+        self.failures = StageFailures(STAGE, self.topics.dlq)
         # One document at a time keeps pages in partition order; the parallelism
         # is in the render worker processes.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitter")
@@ -75,7 +76,7 @@ class SplitterHandler:
         try:
             event = decode_upload(record.key, record.value)
         except InvalidRecord as exc:
-            emit(dead_letter(STAGE, self.topics.dlq, record, exc.error_type, str(exc)))
+            emit(self.failures.reject(record, exc.error_type, str(exc)))
             return
         version = record.position.offset
         if event is None:
@@ -139,31 +140,29 @@ class SplitterHandler:
     def _fail_page(
         self, ref: DocumentRef, record: RawRecord, failure: PageFailure, total_pages: int, emit: Emit
     ) -> None:
-        emit(dead_letter(STAGE, self.topics.dlq, record, failure.error_type,
-                         f"page {failure.page_number}: {failure.message}",
-                         document_id=ref.document_id, version=ref.version, page_number=failure.page_number))
-        failed = PageFailed(
-            document=ref, page_number=failure.page_number, total_pages=total_pages,
-            stage=STAGE, error_type=failure.error_type, message=failure.message,
+        letter, failed = self.failures.page(
+            record, ref, page_number=failure.page_number, total_pages=total_pages,
+            error_type=failure.error_type, message=failure.message,
+            dead_letter_message=f"page {failure.page_number}: {failure.message}",
         )
-        emit(OutRecord(self.topics.pages, ref.document_id, encode(failed)))
+        emit(letter)
+        emit(self.failures.downstream(self.topics.pages, failed))
 
     def _fail_document(
         self, ref: DocumentRef, record: RawRecord, error_type: str, message: str, emit: Emit
     ) -> None:
-        emit(dead_letter(STAGE, self.topics.dlq, record, error_type, message,
-                         document_id=ref.document_id, version=ref.version))
-        # The sink must still learn that this version has no pages, so an older
-        # version's pages are not left behind as if they were current.
-        failed = DocumentFailed(document=ref, stage=STAGE, error_type=error_type, message=message)
-        emit(OutRecord(self.topics.pages, ref.document_id, encode(failed)))
+        letter, failed = self.failures.document(record, ref, error_type=error_type, message=message)
+        emit(letter)
+        emit(self.failures.downstream(self.topics.pages, failed))
 
 
-def build_splitter(settings: ColstreamSettings, *, render_processes: int = 2) -> StageRunner:
+def build_splitter(settings: ColstreamSettings, **runner_options: Any) -> StageRunner:
+    """``runner_options`` go to :class:`StageRunner` (injected clients in tests)."""
+    tunables = settings.splitter
     handler = SplitterHandler(
         settings,
         blob_store=open_blob_store(settings),
-        renderer=StreamingRenderer(processes=render_processes, limits=settings.limits),
+        renderer=StreamingRenderer(processes=tunables.render_processes, limits=settings.limits),
         target=render_target_for(settings.model),
     )
     return StageRunner(
@@ -171,9 +170,10 @@ def build_splitter(settings: ColstreamSettings, *, render_processes: int = 2) ->
         handler,
         topics=[settings.topics.uploads],
         group_id=f"{settings.consumer_group_prefix}splitter",
-        # One upload per batch: a rebalance waits for the batch in flight, so this
-        # bounds that wait by one document (max_pages), not eight.
-        batch_size=1,
-        batch_timeout_ms=50,
-        max_in_flight=1,
+        # One upload per batch by default: a rebalance waits for the batch in flight,
+        # so this bounds that wait by one document (max_pages).
+        batch_size=tunables.batch_size,
+        batch_timeout_ms=tunables.batch_timeout_ms,
+        max_in_flight=tunables.max_in_flight,
+        **runner_options,
     )

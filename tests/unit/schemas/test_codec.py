@@ -11,7 +11,7 @@ from colstream.schemas import (
     DocumentRef,
     InvalidRecord,
     PageVectors,
-    decode_pipeline,
+    decode_page_message,
     decode_upload,
     decode_vectors,
     encode,
@@ -71,7 +71,7 @@ def test_page_vectors_round_trip_as_float16_and_refuse_nan() -> None:
 
 def test_pages_topic_rejects_unknown_message_types() -> None:
     with pytest.raises(InvalidRecord, match="invalid pages-topic message"):
-        decode_pipeline(json.dumps({"type": "mystery"}).encode())
+        decode_page_message(json.dumps({"type": "mystery"}).encode())
 
 
 def test_committed_json_schemas_match_the_models() -> None:

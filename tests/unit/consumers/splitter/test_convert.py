@@ -184,3 +184,33 @@ def test_a_conversion_past_its_timeout_is_abandoned_and_the_slot_recycled(tmp_pa
         assert converter.recycled == 1
     finally:
         converter.close()
+
+
+@needs_soffice
+def test_a_remote_image_is_never_fetched(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    requests: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/tracker.png"
+    source = _write(tmp_path, "page.html", f'<html><body><p>hi</p><img src="{url}"></body></html>'.encode())
+    converter = OfficeConverter(ConverterSettings(timeout_s=120), work_dir=tmp_path)
+    try:
+        with converter.to_pdf(source, "html") as pdf:
+            assert _pages(pdf) == 1
+    finally:
+        converter.close()
+        server.shutdown()
+    assert requests == []

@@ -14,10 +14,9 @@ from colstream.consumers.splitter.stage import SplitterHandler
 from colstream.consumers.splitter.workers import StreamingRenderer
 from colstream.embedding.profile import RenderTarget
 from colstream.infra.blobstore import open_blob_store
-from colstream.infra.kafka import OutRecord
+from colstream.infra.kafka import OutRecord, RecordPosition
 from colstream.infra.settings import ColstreamSettings, LimitSettings
 from colstream.infra.stage_runner import RawRecord
-from colstream.schemas import RecordPosition
 from tests.fixtures import docs, faults
 
 COLQWEN2 = PlainTarget(max_pixels=768 * 28 * 28)
