@@ -210,6 +210,53 @@ class QdrantSettings(Section):
     # Storage options (issue 5); off by default.
     token_pooling_factor: int = 0
     mean_pooled_prefetch: bool = False
+    # Upload metadata keys that get a payload index on the pages and may be used in a
+    # search filter. ``tenant`` is indexed as the tenant key (``is_tenant`` on a server).
+    indexed_metadata: list[str] = Field(default_factory=lambda: ["tenant"])
+
+    @field_validator("indexed_metadata")
+    @classmethod
+    def _metadata_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if not METADATA_KEY_RE.fullmatch(key):
+                raise ValueError(f"indexed metadata key {key!r} must match {METADATA_KEY_RE.pattern}")
+        return list(dict.fromkeys(keys))
+
+
+# Metadata keys end up in payload paths (``metadata.<key>``): no dots, no spaces.
+METADATA_KEY_RE = re.compile(METADATA_KEY_PATTERN)
+
+ApiScope = Literal["read", "write", "delete", "admin"]
+_SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
+
+
+class ApiKeySpec(Section):
+    """One API key: the key itself (or its SHA-256), what it may do, and whose data it sees."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    key: SecretStr | None = None
+    key_sha256: SecretStr | None = Field(default=None, description="Hex SHA-256 of the key, instead of the key.")
+    scopes: list[ApiScope] = Field(min_length=1)
+    tenant: str | None = Field(default=None, min_length=1, max_length=256)
+    # A label for operators (never the key); shows up nowhere but in errors about the spec.
+    name: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _one_key_and_admin_spans_tenants(self) -> ApiKeySpec:
+        label = f"API key {self.name!r}" if self.name else "an API key"
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"{label} needs exactly one of 'key' and 'key_sha256'")
+        if self.key is not None and len(self.key.get_secret_value()) < 16:
+            raise ValueError(f"{label} is shorter than 16 characters; generate one with `openssl rand -hex 32`")
+        if self.key_sha256 is not None and not _SHA256_HEX_RE.fullmatch(self.key_sha256.get_secret_value()):
+            raise ValueError(f"{label}: key_sha256 must be 64 hex characters")
+        if "admin" in self.scopes and self.tenant is not None:
+            raise ValueError(
+                f"{label} holds 'admin' and tenant {self.tenant!r}: admin spans every tenant; "
+                "drop the tenant or the admin scope"
+            )
+        return self
 
 
 class ApiSettings(Section):
@@ -378,7 +425,13 @@ def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 class ColstreamSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="COLSTREAM_", env_nested_delimiter="__", extra="ignore", populate_by_name=True, frozen=True
+        env_prefix="COLSTREAM_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+        # Validation errors must never print what was given: keys and secrets live here.
+        hide_input_in_errors=True,
     )
 
     state_dir: Path = Field(default_factory=default_state_dir)

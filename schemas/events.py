@@ -15,13 +15,14 @@ it, and the sink keeps only the newest.
 from __future__ import annotations
 
 import base64
+import math
 import re
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Annotated, Any, Literal, TypeAlias
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
@@ -57,6 +58,80 @@ def _check_document_id(value: str) -> str:
     return value
 
 
+# Upload metadata is copied into every page's payload and filtered on: keys become
+# payload paths (``metadata.<key>``), values stay small and flat.
+METADATA_KEY_PATTERN = r"[A-Za-z_][A-Za-z0-9_-]{0,63}"
+_METADATA_KEY_RE = re.compile(METADATA_KEY_PATTERN)
+MAX_METADATA_KEYS = 64
+MAX_METADATA_STRING = 1024
+MAX_METADATA_LIST = 100
+
+MetadataValue = str | int | float | bool | list[str]
+
+
+def _check_metadata_value(key: str, value: Any) -> None:
+    where = f"metadata key {key!r}"
+    if isinstance(value, bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: numbers must be finite")
+        return
+    if isinstance(value, str):
+        if len(value) > MAX_METADATA_STRING:
+            raise ValueError(f"{where}: strings are limited to {MAX_METADATA_STRING} characters")
+        return
+    if isinstance(value, list):
+        if len(value) > MAX_METADATA_LIST:
+            raise ValueError(f"{where}: lists are limited to {MAX_METADATA_LIST} strings")
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError(f"{where}: a list may hold only strings, found {type(item).__name__}")
+            if len(item) > MAX_METADATA_STRING:
+                raise ValueError(f"{where}: strings are limited to {MAX_METADATA_STRING} characters")
+        return
+    kind = "null" if value is None else type(value).__name__
+    raise ValueError(f"{where}: value must be a string, number, boolean or list of strings, got {kind}")
+
+
+def check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The one rule for document metadata, wherever it comes from (REST, CLI, kcat, Event Grid)."""
+    if value is None:
+        return None
+    if len(value) > MAX_METADATA_KEYS:
+        raise ValueError(f"metadata holds {len(value)} keys; the limit is {MAX_METADATA_KEYS}")
+    for key, item in value.items():
+        if not isinstance(key, str) or not _METADATA_KEY_RE.fullmatch(key):
+            raise ValueError(
+                f"metadata key {key!r} must be 1-64 letters, digits, '_' or '-', starting with a letter or '_'"
+            )
+        _check_metadata_value(key, item)
+    return value
+
+
+_METADATA_VALUE_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": "string", "maxLength": MAX_METADATA_STRING},
+        {"type": "number"},
+        {"type": "boolean"},
+        {"type": "array", "items": {"type": "string", "maxLength": MAX_METADATA_STRING},
+         "maxItems": MAX_METADATA_LIST},
+    ]
+}
+METADATA_JSON_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {
+            "type": "object",
+            "maxProperties": MAX_METADATA_KEYS,
+            "propertyNames": {"pattern": f"^{METADATA_KEY_PATTERN}$"},
+            "additionalProperties": _METADATA_VALUE_SCHEMA,
+        },
+        {"type": "null"},
+    ]
+}
+Metadata = Annotated[dict[str, Any] | None, WithJsonSchema(METADATA_JSON_SCHEMA)]
+
+
 class UploadEvent(_Frozen):
     """Value of a record on ``documents.uploads``; the key is ``document_id``.
 
@@ -85,11 +160,15 @@ class UploadEvent(_Frozen):
     blob_uri: str = Field(description="file:// under the configured root, or an allowlisted Azure blob URL.")
     filename: str | None = Field(default=None, max_length=1024)
     content_type: str | None = Field(default=None, max_length=255)
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata = Field(
+        default=None,
+        description="Copied into every page's payload; values: string, number, boolean or list of strings.",
+    )
     schema_version: int = SCHEMA_VERSION
 
     _v_doc = field_validator("document_id")(_check_document_id)
     _v_schema = field_validator("schema_version")(_check_schema_version)
+    _v_metadata = field_validator("metadata")(check_metadata)
 
     @field_validator("blob_uri")
     @classmethod
@@ -111,7 +190,9 @@ class DocumentRef(_Frozen):
     version: int = Field(ge=0, description="Offset of the upload (or tombstone) record on the uploads topic.")
     filename: str | None = None
     blob_uri: str | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata = None
+
+    _v_metadata = field_validator("metadata")(check_metadata)
 
 
 class PageTask(_Frozen):
@@ -275,6 +356,9 @@ class DocumentIndexed(_Frozen):
     indexed_pages: int
     failed_pages: list[int] = Field(default_factory=list)
     model: str | None = None
+    # The upload's metadata (a delete keeps the metadata the document had), so a
+    # consumer can route by tenant without a lookup.
+    metadata: Metadata = None
     at: datetime = Field(default_factory=utcnow)
 
 
@@ -322,7 +406,10 @@ class DocumentRecord(BaseModel):
     indexed_pages: list[int] = Field(default_factory=list)
     failed_pages: list[int] = Field(default_factory=list)
     embedding_dimension: int | None = None
+    # Most real tokens of any indexed page (a replay leaves it unchanged).
+    tokens_per_page: int | None = None
     error: str | None = None
+    metadata: dict[str, Any] | None = None
     updated_at: datetime = Field(default_factory=utcnow)
 
     @property
