@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,7 +77,56 @@ LAYOUT_SCHEME = 2
 _PAGE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://colstream/pages")
 _RECORD_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://colstream/records")
 
-PAGE_PAYLOAD_KEYS = ("document_id", "version", "page_number", "total_pages", "filename", "blob_uri", "model")
+PAGE_PAYLOAD_KEYS = (
+    "document_id", "version", "page_number", "total_pages", "filename", "blob_uri", "model", "metadata",
+)
+# Upload metadata sits in each page's payload under this key; filters address
+# ``metadata.<key>``.
+METADATA_PAYLOAD_KEY = "metadata"
+TENANT_METADATA_KEY = "tenant"
+DOCUMENT_ID_FILTER_KEY = "document_id"
+
+FilterScalar = str | int | float | bool
+# A search filter: ``document_id`` or a metadata key, each matched to one value or to any of a list.
+PayloadFilter = Mapping[str, FilterScalar | Sequence[FilterScalar]]
+
+
+class UnknownFilterKey(ValueError):
+    """A filter names a key that is neither ``document_id`` nor an indexed metadata key."""
+
+    def __init__(self, key: str, allowed: Sequence[str]) -> None:
+        super().__init__(
+            f"unknown filter key {key!r}; filter on one of {', '.join(repr(a) for a in allowed)} "
+            "(metadata keys become filterable when listed in COLSTREAM_QDRANT__INDEXED_METADATA)"
+        )
+        self.key = key
+
+
+def filter_keys(settings: QdrantSettings) -> list[str]:
+    return [DOCUMENT_ID_FILTER_KEY, *settings.indexed_metadata]
+
+
+def payload_path(key: str) -> str:
+    return key if key == DOCUMENT_ID_FILTER_KEY else f"{METADATA_PAYLOAD_KEY}.{key}"
+
+
+def filter_terms(
+    settings: QdrantSettings, filter_: PayloadFilter | None, document_id: str | None = None
+) -> list[tuple[str, list[FilterScalar]]]:
+    """(payload path, accepted values) per key; every key must match (AND), any value of one key (OR).
+
+    An empty list of values matches nothing. Unknown keys are refused, never ignored.
+    """
+    terms: list[tuple[str, list[FilterScalar]]] = []
+    if document_id is not None:
+        terms.append((DOCUMENT_ID_FILTER_KEY, [document_id]))
+    allowed = filter_keys(settings)
+    for key, value in (filter_ or {}).items():
+        if key not in allowed:
+            raise UnknownFilterKey(key, allowed)
+        values = [value] if isinstance(value, str | int | float | bool) else list(value)
+        terms.append((payload_path(key), values))
+    return terms
 
 
 class InvalidVectorsError(PipelineError, ValueError):
@@ -138,6 +187,8 @@ class PagePoint:
     vectors: np.ndarray  # float16 or float32, [tokens, dim]
     # The image patch grid inside ``vectors``; None when the producer did not report one.
     grid: PatchGrid | None = None
+    # The upload's metadata, stored with every page (replaced whole by a re-upload).
+    metadata: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         where = f"document {self.document_id!r} page {self.page_number}"
@@ -174,6 +225,7 @@ class PagePoint:
             "filename": self.filename,
             "blob_uri": self.blob_uri,
             "model": self.model,
+            METADATA_PAYLOAD_KEY: dict(self.metadata or {}),
         }
 
 
@@ -318,12 +370,19 @@ class VectorStore(Protocol):
 
     def page_payloads(self, document_id: str | None = None) -> list[dict[str, Any]]: ...
 
-    def count_pages(self, document_id: str | None = None) -> int: ...
+    def count_pages(self, document_id: str | None = None, filter: PayloadFilter | None = None) -> int: ...
 
     def search(
-        self, query: np.ndarray, limit: int = 10, document_id: str | None = None, prefetch: bool = True
+        self,
+        query: np.ndarray,
+        limit: int = 10,
+        document_id: str | None = None,
+        prefetch: bool = True,
+        filter: PayloadFilter | None = None,
     ) -> list[tuple[float, dict[str, Any]]]:
-        """MaxSim search; (score, page payload), best first.
+        """MaxSim search; (score, page payload), best first, over the pages that match
+        ``document_id`` and ``filter`` (see :func:`filter_terms`; unknown keys raise
+        :class:`UnknownFilterKey`).
 
         With the row/column layout, ``prefetch=False`` skips the first stage and scans
         every page's full multivector (to measure what the first stage saves and loses).

@@ -25,11 +25,16 @@ from colstream.infra.vectorstore import (
     PREFETCH_CANDIDATES_PER_RESULT,
     PREFETCH_MIN_CANDIDATES,
     ROWS_VECTOR,
+    TENANT_METADATA_KEY,
+    FilterScalar,
     PagePoint,
     PagesLayout,
+    PayloadFilter,
     check_page_dims,
     check_query,
+    filter_terms,
     pages_layout,
+    payload_path,
     record_from_payload,
     record_point_id,
 )
@@ -77,6 +82,13 @@ class EdgeVectorStore:
                 self._layout.check_compatible(wanted, f"pages shard {self._pages_dir}")
             _ensure_index(self._pages, "document_id", edge.PayloadSchemaType.Keyword)
             _ensure_index(self._pages, "version", edge.PayloadSchemaType.Integer)
+            for key in self._settings.indexed_metadata:
+                schema = (
+                    edge.KeywordIndexParams(is_tenant=True)
+                    if key == TENANT_METADATA_KEY
+                    else edge.PayloadSchemaType.Keyword
+                )
+                _ensure_index(self._pages, payload_path(key), schema)
             self._ensure_records()
 
     def _ensure_records(self) -> edge.EdgeShard:
@@ -126,20 +138,26 @@ class EdgeVectorStore:
         filter_ = _document_filter(document_id) if document_id is not None else None
         return [dict(record.payload or {}) for record in _scroll(self._pages, filter_)]
 
-    def count_pages(self, document_id: str | None = None) -> int:
-        if self._pages is None:
+    def count_pages(self, document_id: str | None = None, filter: PayloadFilter | None = None) -> int:
+        terms = filter_terms(self._settings, filter, document_id)
+        if self._pages is None or any(not values for _, values in terms):
             return 0
-        filter_ = _document_filter(document_id) if document_id is not None else None
-        return int(self._pages.count(edge.CountRequest(exact=True, filter=filter_)))
+        return int(self._pages.count(edge.CountRequest(exact=True, filter=_terms_filter(terms))))
 
     def search(
-        self, query: np.ndarray, limit: int = 10, document_id: str | None = None, prefetch: bool = True
+        self,
+        query: np.ndarray,
+        limit: int = 10,
+        document_id: str | None = None,
+        prefetch: bool = True,
+        filter: PayloadFilter | None = None,
     ) -> list[tuple[float, dict[str, Any]]]:
-        if self._pages is None or limit <= 0:
+        terms = filter_terms(self._settings, filter, document_id)
+        if self._pages is None or limit <= 0 or any(not values for _, values in terms):
             return []
         shard, layout = self._pages_shard()
         vectors = check_query(query, layout.dim).tolist()
-        filter_ = _document_filter(document_id) if document_id is not None else None
+        filter_ = _terms_filter(terms)
         if prefetch and self._settings.mean_pooled_prefetch and layout.named:
             # First stage on the small row and column multivectors, then exact MaxSim
             # on the full one over the union of both candidate sets.
@@ -298,6 +316,28 @@ def _document_filter(document_id: str, below_version: int | None = None) -> edge
     return edge.Filter(must=conditions)
 
 
+def _value_condition(path: str, value: FilterScalar) -> Any:
+    if isinstance(value, float) and not value.is_integer():
+        return edge.FieldCondition(path, range=edge.RangeFloat(gte=value, lte=value))
+    if isinstance(value, float):
+        value = int(value)
+    return edge.FieldCondition(path, match=edge.MatchValue(value))
+
+
+def _terms_filter(terms: list[tuple[str, list[FilterScalar]]]) -> edge.Filter | None:
+    """Every term must hold; a term holds when the payload matches any of its values."""
+    if not terms:
+        return None
+    must: list[Any] = []
+    for path, values in terms:
+        if all(isinstance(v, str) for v in values) or all(type(v) is int for v in values):
+            must.append(edge.FieldCondition(path, match=edge.MatchAny(values)) if len(values) > 1  # type: ignore[arg-type]
+                        else _value_condition(path, values[0]))
+        else:
+            must.append(edge.Filter(should=[_value_condition(path, v) for v in values]))
+    return edge.Filter(must=must)
+
+
 def _scroll(shard: edge.EdgeShard, filter_: edge.Filter | None) -> Iterator[Any]:
     offset: Any = None
     while True:
@@ -309,7 +349,7 @@ def _scroll(shard: edge.EdgeShard, filter_: edge.Filter | None) -> Iterator[Any]
             return
 
 
-def _ensure_index(shard: edge.EdgeShard, field: str, schema: edge.PayloadSchemaType) -> None:
+def _ensure_index(shard: edge.EdgeShard, field: str, schema: edge.PayloadSchemaType | edge.KeywordIndexParams) -> None:
     if field not in shard.info().payload_schema:
         shard.update(edge.UpdateOperation.create_field_index(field, schema))
 

@@ -19,11 +19,16 @@ from colstream.infra.vectorstore import (
     PREFETCH_CANDIDATES_PER_RESULT,
     PREFETCH_MIN_CANDIDATES,
     ROWS_VECTOR,
+    TENANT_METADATA_KEY,
+    FilterScalar,
     PagePoint,
     PagesLayout,
+    PayloadFilter,
     check_page_dims,
     check_query,
+    filter_terms,
     pages_layout,
+    payload_path,
     record_from_payload,
     record_point_id,
 )
@@ -84,6 +89,14 @@ class QdrantServerVectorStore:
             ("version", qm.PayloadSchemaType.INTEGER),
         ):
             self._client.create_payload_index(self._pages, field, schema, wait=True)
+        for key in self._settings.indexed_metadata:
+            # The tenant index co-locates each tenant's pages on disk (Qdrant's multitenancy layout).
+            metadata_schema: qm.PayloadSchemaType | qm.KeywordIndexParams = (
+                qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True)
+                if key == TENANT_METADATA_KEY
+                else qm.PayloadSchemaType.KEYWORD
+            )
+            self._client.create_payload_index(self._pages, payload_path(key), metadata_schema, wait=True)
         if not self._exists(self._records):
             # Records carry no vector: the server allows vector-less collections.
             self._create_quietly(self._records, vectors_config={})
@@ -156,20 +169,26 @@ class QdrantServerVectorStore:
         filter_ = _document_filter(document_id) if document_id is not None else None
         return [dict(record.payload or {}) for record in self._scroll(self._pages, filter_)]
 
-    def count_pages(self, document_id: str | None = None) -> int:
-        if not self._exists(self._pages):
+    def count_pages(self, document_id: str | None = None, filter: PayloadFilter | None = None) -> int:
+        terms = filter_terms(self._settings, filter, document_id)
+        if not self._exists(self._pages) or any(not values for _, values in terms):
             return 0
-        filter_ = _document_filter(document_id) if document_id is not None else None
-        return int(self._client.count(self._pages, count_filter=filter_, exact=True).count)
+        return int(self._client.count(self._pages, count_filter=_terms_filter(terms), exact=True).count)
 
     def search(
-        self, query: np.ndarray, limit: int = 10, document_id: str | None = None, prefetch: bool = True
+        self,
+        query: np.ndarray,
+        limit: int = 10,
+        document_id: str | None = None,
+        prefetch: bool = True,
+        filter: PayloadFilter | None = None,
     ) -> list[tuple[float, dict[str, Any]]]:
-        if limit <= 0 or not self._exists(self._pages):
+        terms = filter_terms(self._settings, filter, document_id)
+        if limit <= 0 or not self._exists(self._pages) or any(not values for _, values in terms):
             return []
         layout = self._current_layout()
         vectors = check_query(query, layout.dim).tolist()
-        filter_ = _document_filter(document_id) if document_id is not None else None
+        filter_ = _terms_filter(terms)
         if prefetch and self._settings.mean_pooled_prefetch and layout.named:
             candidates = max(limit * PREFETCH_CANDIDATES_PER_RESULT, PREFETCH_MIN_CANDIDATES)
             response = self._client.query_points(
@@ -325,3 +344,26 @@ def _document_filter(document_id: str, below_version: int | None = None) -> qm.F
     if below_version is not None:
         conditions.append(qm.FieldCondition(key="version", range=qm.Range(lt=below_version)))
     return qm.Filter(must=conditions)
+
+
+def _value_condition(path: str, value: FilterScalar) -> qm.Condition:
+    if isinstance(value, float) and not value.is_integer():
+        return qm.FieldCondition(key=path, range=qm.Range(gte=value, lte=value))
+    if isinstance(value, float):
+        value = int(value)
+    return qm.FieldCondition(key=path, match=qm.MatchValue(value=value))
+
+
+def _terms_filter(terms: list[tuple[str, list[FilterScalar]]]) -> qm.Filter | None:
+    """Every term must hold; a term holds when the payload matches any of its values."""
+    if not terms:
+        return None
+    must: list[qm.Condition] = []
+    for path, values in terms:
+        if len(values) > 1 and (all(isinstance(v, str) for v in values) or all(type(v) is int for v in values)):
+            must.append(qm.FieldCondition(key=path, match=qm.MatchAny(any=values)))  # type: ignore[arg-type]
+        elif len(values) == 1:
+            must.append(_value_condition(path, values[0]))
+        else:
+            must.append(qm.Filter(should=[_value_condition(path, v) for v in values]))
+    return qm.Filter(must=must)

@@ -97,6 +97,7 @@ def test_upsert_is_idempotent_and_payloads_exact(store: VectorStore) -> None:
             "filename": "doc-a.pdf",
             "blob_uri": "file:///blobs/doc-a.pdf",
             "model": "colqwen2-test",
+            "metadata": {},
         }
         for n in (1, 2, 3)
     ]
