@@ -176,6 +176,14 @@ def _default_blob_store(settings: ColstreamSettings) -> BlobWriterLike:
     return open_blob_store(settings)
 
 
+def _serving_model_settings(settings: ColstreamSettings, store: Lazy[RecordStoreLike]) -> ModelSettings:
+    """The model that embeds queries: the one the index was built with, when it records one."""
+    from colstream.embedding.profile import model_settings_for_index
+
+    index_model = getattr(store.get(), "index_model", None)
+    return model_settings_for_index(settings.model, index_model() if callable(index_model) else None)
+
+
 def _default_model_loader(model_settings: ModelSettings) -> EmbedderLike:
     from colstream.embedding.model import load_model
 
@@ -221,7 +229,7 @@ def create_app(
         store=Lazy(lambda: _default_store(settings), given=store),
         publisher=publisher_lazy,
         blob_store=Lazy(lambda: _default_blob_store(settings), given=blob_store),
-        model=Lazy(lambda: loader(settings.model)),
+        model=Lazy(lambda: loader(_serving_model_settings(settings, ctx.store))),
         stage_stats=stage_stats,
         kafka_probe=kafka_probe or _default_kafka_probe(publisher_lazy),
         poll_interval_s=poll_interval_s,
@@ -604,6 +612,7 @@ def _embedding_router(ctx: ApiContext) -> APIRouter:
                 score=float(score),
                 document_id=payload.get("document_id"),
                 page_number=payload.get("page_number"),
+                model=payload.get("model"),
                 payload=payload,
             )
             for score, payload in results

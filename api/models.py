@@ -142,6 +142,7 @@ class SearchHit(BaseModel):
     score: float
     document_id: str | None
     page_number: int | None
+    model: str | None = Field(default=None, description="The model of the index this page came from.")
     payload: dict[str, Any]
 
 

@@ -9,12 +9,16 @@ Imports nothing heavy (no torch, no transformers): the splitter loads this modul
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from colstream.infra.settings import ModelSettings
+from colstream.infra.vectorstore import IndexModel
 
 Family = Literal["colqwen2", "colpali"]
 
@@ -107,6 +111,118 @@ def _image_processor_config(folder: Path | None) -> dict[str, Any]:
         return legacy
     nested = _read_json(folder, "processor_config.json").get("image_processor")
     return nested if isinstance(nested, dict) else {}
+
+
+# -- the identity an index records --------------------------------------------------------
+
+# The projection to the multivector width: ``custom_text_proj`` in most families,
+# ``linear`` in ColIdefics3. Its weight is [dim, hidden].
+_PROJECTION_KEY = re.compile(r"(^|\.)(custom_text_proj|linear)\.weight$")
+_SNAPSHOT_PART = re.compile(r"^[0-9a-f]{40}$")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class ModelIdentityError(RuntimeError):
+    """The checkpoint's dimension or revision cannot be read (missing files, hub unreachable)."""
+
+
+def index_model_for(model: ModelSettings) -> IndexModel:
+    """The model an index built with these settings belongs to, read from the checkpoint's
+    files (config and safetensors headers) without loading any weights."""
+    name_or_path = model_id_for(model)
+    folder = _local_dir(name_or_path) or _cached_snapshot(name_or_path, model.revision)
+    if folder is not None:
+        dim = _dimension_from_headers(_safetensors_headers(folder), name_or_path)
+        revision = _local_revision(folder) if _local_dir(name_or_path) else folder.name
+        marker = _read_json(folder, _MARKER_FILE)
+        random_weights = bool(marker.get("colstream_random_weights", False))
+    else:
+        dim = _dimension_from_hub(name_or_path, model.revision)
+        revision, random_weights = model.revision or "main", False
+    return IndexModel(
+        family=model.family, model_id=name_or_path, revision=revision, dim=dim, random_weights=random_weights
+    )
+
+
+def model_settings_for_index(configured: ModelSettings, index: IndexModel | None) -> ModelSettings:
+    """Settings that load the model ``index`` was built with (``configured`` supplies the
+    device, batch sizes...). Without a recorded model the configured one is used."""
+    if index is None or index.family == "unspecified":
+        return configured
+    if index.family == configured.family and index.model_id == model_id_for(configured):
+        return configured
+    revision = None if index.revision.startswith("local-") or index.revision == "main" else index.revision
+    return configured.model_copy(update={"family": index.family, "name_or_path": index.model_id, "revision": revision})
+
+
+def _local_revision(folder: Path) -> str:
+    """A hub snapshot folder is named by its commit; any other folder by a digest of what
+    defines its weights: the config and the safetensors headers (names, shapes, offsets)."""
+    if _SNAPSHOT_PART.match(folder.name) and folder.parent.name == "snapshots":
+        return folder.name
+    digest = hashlib.sha256()
+    for name in ("config.json", _MARKER_FILE):
+        path = folder / name
+        if path.is_file():
+            digest.update(path.read_bytes())
+    for header in _safetensors_headers(folder):
+        digest.update(json.dumps(header, sort_keys=True).encode())
+    return f"local-{digest.hexdigest()[:16]}"
+
+
+def _safetensors_headers(folder: Path) -> list[dict[str, Any]]:
+    headers = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > _MAX_HEADER_BYTES:
+                raise ModelIdentityError(f"{path}: safetensors header of {length} bytes is not plausible")
+            headers.append(json.loads(handle.read(length)))
+    return headers
+
+
+def _dimension_from_headers(headers: list[dict[str, Any]], name_or_path: str) -> int:
+    for header in headers:
+        for key, entry in header.items():
+            if _PROJECTION_KEY.search(key) and isinstance(entry, dict) and len(entry.get("shape", ())) == 2:
+                return int(entry["shape"][0])
+    raise ModelIdentityError(
+        f"checkpoint {name_or_path!r} has no multivector projection (custom_text_proj / linear) "
+        "in its safetensors files: is it a colpali-engine checkpoint?"
+    )
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The hub cache's snapshot folder of ``repo_id`` when its config is cached there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:
+        return None
+    if isinstance(found, str):
+        folder = Path(found).parent
+        if any(folder.glob("*.safetensors")):
+            return folder
+    return None
+
+
+def _dimension_from_hub(repo_id: str, revision: str | None) -> int:
+    """Reads only the safetensors headers over HTTP (no weights are downloaded)."""
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        metadata = get_safetensors_metadata(repo_id, revision=revision)
+    except Exception as exc:
+        raise ModelIdentityError(
+            f"cannot read the dimension of {repo_id!r} (revision {revision or 'main'}): {exc}. "
+            "The Hugging Face hub may be unreachable: point model.name_or_path at a local copy"
+        ) from exc
+    headers = [
+        {name: {"shape": info.shape} for name, info in file.tensors.items()}
+        for file in metadata.files_metadata.values()
+    ]
+    return _dimension_from_headers(headers, repo_id)
 
 
 def _read_json(folder: Path | None, name: str) -> dict[str, Any]:

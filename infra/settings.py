@@ -190,6 +190,8 @@ class ModelSettings(Section):
     # "colqwen2" or "colpali"; the id/path is passed to from_pretrained as-is.
     family: Literal["colqwen2", "colpali"] = "colqwen2"
     name_or_path: str | None = None
+    # Hub revision (branch, tag or commit) of name_or_path; recorded with the index.
+    revision: str | None = None
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["none", "int8"] = "none"

@@ -139,6 +139,119 @@ class InvalidVectorsError(PipelineError, ValueError):
         return (type(self), (self.message,))
 
 
+RANDOM_WEIGHTS_SUFFIX = " (random weights)"
+
+
+@dataclass(frozen=True)
+class IndexModel:
+    """The model an index belongs to: recorded with the index when it is created.
+
+    ``model_id`` is what ``from_pretrained`` was given (a hub id or a local folder),
+    ``revision`` the exact weights (hub commit or a digest of a local checkpoint),
+    ``dim`` the width of the model's projection layer, read from its weights.
+    """
+
+    family: str
+    model_id: str
+    revision: str
+    dim: int
+    random_weights: bool = False
+
+    @property
+    def label(self) -> str:
+        """The model string pages carry in their payload (and vectors messages in ``model``)."""
+        return self.model_id + (RANDOM_WEIGHTS_SUFFIX if self.random_weights else "")
+
+    def same_model(self, other: IndexModel) -> bool:
+        return (self.family, self.model_id, self.revision, self.dim) == (
+            other.family,
+            other.model_id,
+            other.revision,
+            other.dim,
+        )
+
+    def describe(self) -> str:
+        return f"{self.family} {self.label} @ {self.revision} ({self.dim}-d)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "dim": self.dim,
+            "random_weights": self.random_weights,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IndexModel:
+        return cls(
+            family=str(data["family"]),
+            model_id=str(data["model_id"]),
+            revision=str(data["revision"]),
+            dim=int(data["dim"]),
+            random_weights=bool(data.get("random_weights", False)),
+        )
+
+    @classmethod
+    def unspecified(cls, dim: int) -> IndexModel:
+        """For stores used without a model (tools, benchmarks, tests of the store itself)."""
+        return cls(family="unspecified", model_id="unspecified", revision="none", dim=dim)
+
+
+def migration_command(model: IndexModel) -> str:
+    """The command that moves an index to ``model`` without downtime."""
+    return f"colstream migrate start --family {model.family} --name-or-path {model.model_id}"
+
+
+class IndexModelMismatch(PipelineError):
+    """A stage's model differs from the model of the index it is pointed at."""
+
+    def __init__(self, index: str, holds: IndexModel, wanted: IndexModel) -> None:
+        super().__init__(
+            "IndexModelMismatch",
+            f"index {index!r} belongs to {holds.describe()}, but this stage is configured for "
+            f"{wanted.describe()}. Vectors of two models cannot be ranked against each other, so "
+            f"nothing was written. To move the index to the new model run `{migration_command(wanted)}`; "
+            f"to keep the index, configure its model again (COLSTREAM_MODEL__FAMILY={holds.family} "
+            f"COLSTREAM_MODEL__NAME_OR_PATH={holds.model_id}).",
+        )
+        self.index = index
+        self.holds = holds
+        self.wanted = wanted
+
+
+def index_collection_name(alias: str, model: IndexModel) -> str:
+    """The collection (or shard directory) that holds ``model``'s pages behind ``alias``.
+
+    Readable (the checkpoint's last path part) and unique (a digest of id and revision):
+    ``colpali_embeddings--colqwen2-v1.0--3f2a9c1b``.
+    """
+    import hashlib
+
+    tail = model.model_id.rstrip("/").split("/")[-1] or model.family
+    slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in tail)[:48]
+    digest = hashlib.sha256(json.dumps([model.family, model.model_id, model.revision]).encode()).hexdigest()[:8]
+    return f"{alias}--{slug}--{digest}"
+
+
+def bind_index_model(index: str, recorded: IndexModel | None, wanted: IndexModel, page_models: set[str]) -> IndexModel:
+    """The model an existing index belongs to once ``wanted`` opens it, or IndexModelMismatch.
+
+    ``recorded`` is what the index says about itself; None for an index created before
+    indexes recorded their model. Such an index is adopted only when every page it
+    holds was written by ``wanted`` (``page_models``: the payload models found).
+    """
+    if recorded is not None:
+        if not recorded.same_model(wanted):
+            raise IndexModelMismatch(index, recorded, wanted)
+        return recorded
+    foreign = sorted(page_models - {wanted.label})
+    if foreign:
+        holds = IndexModel(family="unknown", model_id=foreign[0], revision="unknown", dim=wanted.dim)
+        raise IndexModelMismatch(index, holds, wanted)
+    return wanted
+
+
 def page_point_id(document_id: str, page_number: int) -> str:
     # JSON keeps the pair unambiguous whatever characters the id holds.
     return str(uuid.uuid5(_PAGE_NAMESPACE, json.dumps([document_id, page_number])))
@@ -356,8 +469,16 @@ def record_from_payload(payload: dict[str, Any]) -> DocumentRecord:
 
 @runtime_checkable
 class VectorStore(Protocol):
-    def ensure_collections(self, dim: int = DEFAULT_DIM) -> None:
-        """Create the pages and records collections and their payload indexes; idempotent."""
+    def ensure_collections(self, dim: int | None = None, model: IndexModel | None = None) -> None:
+        """Open the index behind the alias for ``model`` (created when absent); idempotent.
+
+        Raises :class:`IndexModelMismatch` when the alias points at another model's
+        index. ``dim`` alone binds an unspecified model of that width (tools, tests);
+        neither opens what exists and creates only the records collection.
+        """
+
+    def index_model(self) -> IndexModel | None:
+        """The model of the index the alias points at; None before one exists."""
 
     def upsert_pages(self, points: Sequence[PagePoint]) -> None:
         """Write pages; durable when it returns."""

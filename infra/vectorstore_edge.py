@@ -1,8 +1,13 @@
-"""Qdrant Edge backend: two in-process shards under ``settings.path``.
+"""Qdrant Edge backend: in-process shards under ``settings.path``.
 
-``<path>/<collection>`` holds the pages, ``<path>/<records_collection>`` the
-per-document records. Edge has no collections, so each one is its own shard
-directory, and Edge locks a shard's WAL: one process at a time per directory.
+Edge has no collections and no aliases, so each index is its own shard directory
+and ``<path>/colstream_aliases.json`` maps an alias (``settings.collection``) to the
+directory of the model's index (``<alias>--<model>--<digest>``, see
+:func:`~colstream.infra.vectorstore.index_collection_name`). A shard directory named
+like the alias itself is an index made before aliases existed and is used as it is.
+``<path>/<records_collection>`` holds the per-document records. The index's model
+and layout live in ``colstream_layout.json`` inside its directory. Edge locks a
+shard's WAL: one process at a time per directory.
 """
 
 from __future__ import annotations
@@ -20,19 +25,21 @@ import qdrant_edge as edge
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
     COLUMNS_VECTOR,
-    DEFAULT_DIM,
     ORIGINAL_VECTOR,
     PREFETCH_CANDIDATES_PER_RESULT,
     PREFETCH_MIN_CANDIDATES,
     ROWS_VECTOR,
     TENANT_METADATA_KEY,
     FilterScalar,
+    IndexModel,
     PagePoint,
     PagesLayout,
     PayloadFilter,
+    bind_index_model,
     check_page_dims,
     check_query,
     filter_terms,
+    index_collection_name,
     pages_layout,
     payload_path,
     record_from_payload,
@@ -46,6 +53,9 @@ _UPSERT_CHUNK = 64
 # Edge needs at least one vector per shard; records carry this placeholder.
 _RECORD_VECTOR = [1.0]
 _LAYOUT_FILE = "colstream_layout.json"
+_ALIASES_FILE = "colstream_aliases.json"
+# Pages read to tell which model wrote an index that predates recorded models.
+_LEGACY_SAMPLE = 256
 
 
 class EdgeVectorStore:
@@ -54,32 +64,65 @@ class EdgeVectorStore:
     def __init__(self, settings: QdrantSettings) -> None:
         self._settings = settings
         self._root = Path(settings.path)
-        self._pages_dir = self._root / settings.collection
+        self._alias = settings.collection
         self._records_dir = self._root / settings.records_collection
         self._pages: edge.EdgeShard | None = None
         self._records: edge.EdgeShard | None = None
         self._layout: PagesLayout | None = None
+        self._model: IndexModel | None = None
         # Edge calls are thread-safe, but open/close must not race a write.
         self._lock = threading.RLock()
+        self._pages_dir = self._resolve_alias()
         if _has_shard(self._pages_dir):
             self._layout = _layout_on_disk(self._pages_dir)
+            self._model = _model_on_disk(self._pages_dir)
             self._pages = _load(self._pages_dir, None)
         if _has_shard(self._records_dir):
             self._records = _load(self._records_dir, None)
 
     # -- collections -------------------------------------------------------------------------
 
-    def ensure_collections(self, dim: int = DEFAULT_DIM) -> None:
+    def _resolve_alias(self) -> Path:
+        """The shard directory the alias points at (it may not exist yet)."""
+        target = _read_aliases(self._root).get(self._alias)
+        return self._root / (target or self._alias)
+
+    def index_model(self) -> IndexModel | None:
+        return self._model
+
+    @property
+    def index_name(self) -> str:
+        return self._pages_dir.name
+
+    def ensure_collections(self, dim: int | None = None, model: IndexModel | None = None) -> None:
         with self._lock:
-            wanted = pages_layout(self._settings, dim)
+            wanted_model = model or (IndexModel.unspecified(dim) if dim is not None else None)
+            if wanted_model is None:
+                self._ensure_records()
+                return
+            wanted = pages_layout(self._settings, wanted_model.dim)
             if self._pages is None or self._layout is None:
-                self._pages = _create(self._pages_dir, _pages_config(wanted))
-                # Written after the shard: a crash in between leaves a shard whose layout
-                # _layout_on_disk can still derive from edge_config.json.
-                _write_json_atomically(self._pages_dir / _LAYOUT_FILE, wanted.as_dict())
-                self._layout = wanted
-            else:
-                self._layout.check_compatible(wanted, f"pages shard {self._pages_dir}")
+                self._pages_dir = self._root / index_collection_name(self._alias, wanted_model)
+                if _has_shard(self._pages_dir):  # the index exists, only the alias was lost
+                    self._pages = _load(self._pages_dir, None)
+                    self._layout = _layout_on_disk(self._pages_dir)
+                    self._model = _model_on_disk(self._pages_dir)
+                else:
+                    self._pages = _create(self._pages_dir, _pages_config(wanted))
+                    # Written after the shard: a crash in between leaves a shard whose layout
+                    # _layout_on_disk can still derive from edge_config.json.
+                    _write_sidecar(self._pages_dir, wanted, wanted_model)
+                    self._layout, self._model = wanted, wanted_model
+                _write_alias(self._root, self._alias, self._pages_dir.name)
+            where = f"index {self._alias!r} (shard {self._pages_dir})"
+            recorded = self._model
+            page_models = set() if recorded is not None else self._sample_page_models()
+            # Refuses before anything is written when the index belongs to another model.
+            self._model = bind_index_model(where, recorded, wanted_model, page_models)
+            self._layout.check_compatible(wanted, where)
+            if recorded is None:
+                # An index from before models were recorded, written by this model only.
+                _write_sidecar(self._pages_dir, self._layout, self._model)
             _ensure_index(self._pages, "document_id", edge.PayloadSchemaType.Keyword)
             _ensure_index(self._pages, "version", edge.PayloadSchemaType.Integer)
             for key in self._settings.indexed_metadata:
@@ -90,6 +133,12 @@ class EdgeVectorStore:
                 )
                 _ensure_index(self._pages, payload_path(key), schema)
             self._ensure_records()
+
+    def _sample_page_models(self) -> set[str]:
+        if self._pages is None:
+            return set()
+        records, _ = self._pages.scroll(edge.ScrollRequest(limit=_LEGACY_SAMPLE, with_payload=True))
+        return {str(r.payload["model"]) for r in records if r.payload and r.payload.get("model")}
 
     def _ensure_records(self) -> edge.EdgeShard:
         if self._records is None:
@@ -177,7 +226,8 @@ class EdgeVectorStore:
             request = edge.QueryRequest(
                 limit=limit, query=edge.Query.Nearest(vectors, using=using), filter=filter_, with_payload=True
             )
-        return [(float(hit.score), dict(hit.payload or {})) for hit in shard.query(request)]
+        label = self._model.label if self._model is not None else None
+        return [(float(hit.score), _with_model(hit.payload, label)) for hit in shard.query(request)]
 
     # -- records -----------------------------------------------------------------------------
 
@@ -221,6 +271,8 @@ class EdgeVectorStore:
     def stats(self) -> dict[str, Any]:
         return {
             "collection_name": self._settings.collection,
+            "index": self._pages_dir.name,
+            "model": self._model.as_dict() if self._model else None,
             "total_vectors": self.count_pages(),
             "vector_dimension": self._layout.dim if self._layout else None,
             "distance_metric": "COSINE",
@@ -286,6 +338,41 @@ def _layout_on_disk(directory: Path) -> PagesLayout:
         pooling_factor=0,
         prefetch_vector=False,
     )
+
+
+def _model_on_disk(directory: Path) -> IndexModel | None:
+    sidecar = directory / _LAYOUT_FILE
+    if not sidecar.exists():
+        return None
+    recorded = json.loads(sidecar.read_text()).get("model")
+    return IndexModel.from_dict(recorded) if isinstance(recorded, dict) else None
+
+
+def _write_sidecar(directory: Path, layout: PagesLayout, model: IndexModel) -> None:
+    _write_json_atomically(directory / _LAYOUT_FILE, {**layout.as_dict(), "model": model.as_dict()})
+
+
+def _read_aliases(root: Path) -> dict[str, str]:
+    try:
+        data = json.loads((root / _ALIASES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_alias(root: Path, alias: str, directory_name: str) -> None:
+    aliases = _read_aliases(root)
+    if aliases.get(alias) == directory_name:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    _write_json_atomically(root / _ALIASES_FILE, {**aliases, alias: directory_name})
+
+
+def _with_model(payload: Any, label: str | None) -> dict[str, Any]:
+    result = dict(payload or {})
+    if label is not None:
+        result["model"] = label
+    return result
 
 
 def _write_json_atomically(path: Path, data: dict[str, Any]) -> None:

@@ -1,4 +1,12 @@
-"""Qdrant server backend through qdrant-client (also runs against its local mode in tests)."""
+"""Qdrant server backend through qdrant-client (also runs against its local mode in tests).
+
+Each model's pages live in their own collection, ``<alias>--<model>--<digest>``
+(:func:`~colstream.infra.vectorstore.index_collection_name`), and the alias
+``settings.collection`` (``colpali_embeddings``) points at the one being served.
+The collection's metadata records its model and layout. A collection named like
+the alias itself predates aliases and is used as it is. qdrant-client's local
+mode has no aliases: there a lone ``<alias>--*`` collection is taken as the index.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +22,21 @@ from qdrant_client.http.exceptions import UnexpectedResponse
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
     COLUMNS_VECTOR,
-    DEFAULT_DIM,
     ORIGINAL_VECTOR,
     PREFETCH_CANDIDATES_PER_RESULT,
     PREFETCH_MIN_CANDIDATES,
     ROWS_VECTOR,
     TENANT_METADATA_KEY,
     FilterScalar,
+    IndexModel,
     PagePoint,
     PagesLayout,
     PayloadFilter,
+    bind_index_model,
     check_page_dims,
     check_query,
     filter_terms,
+    index_collection_name,
     pages_layout,
     payload_path,
     record_from_payload,
@@ -37,6 +47,9 @@ from colstream.schemas.events import DocumentRecord
 log = logging.getLogger(__name__)
 
 _LAYOUT_METADATA_KEY = "colstream_pages_layout"
+_MODEL_METADATA_KEY = "colstream_index_model"
+# Pages read to tell which model wrote an index that predates recorded models.
+_LEGACY_SAMPLE = 256
 _SCROLL_PAGE = 256
 # The server refuses requests over 32 MB by default. REST sends floats as JSON text,
 # up to ~24 bytes each ("-0.0123291015625,"), so budget on that, with headroom.
@@ -57,12 +70,95 @@ class QdrantServerVectorStore:
             api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
             client = QdrantClient(url=settings.url, api_key=api_key, timeout=_TIMEOUT_S)
         self._client = client
+        self._alias = settings.collection
+        # The concrete collection behind the alias, once known (until then the alias).
         self._pages = settings.collection
+        self._resolved = False
         self._records = settings.records_collection
         self._layout: PagesLayout | None = None
+        self._model: IndexModel | None = None
         self._known_collections: set[str] = set()
 
+    def _resolve_index(self) -> None:
+        """Find the collection the alias points at; stays unresolved while there is none."""
+        if self._resolved:
+            return
+        for alias in self._client.get_aliases().aliases:
+            if alias.alias_name == self._alias:
+                self._pages, self._resolved = alias.collection_name, True
+                return
+        names = [c.name for c in self._client.get_collections().collections]
+        candidates = [n for n in names if n.startswith(f"{self._alias}--")]
+        if self._alias in names:
+            self._pages, self._resolved = self._alias, True
+        elif len(candidates) == 1:
+            self._pages, self._resolved = candidates[0], True
+
+    def index_model(self) -> IndexModel | None:
+        if self._model is None and self._exists(self._pages):
+            self._model = self._model_of_existing()
+        return self._model
+
+    @property
+    def index_name(self) -> str:
+        return self._pages
+
+    def _model_of_existing(self) -> IndexModel | None:
+        recorded = (self._client.get_collection(self._pages).config.metadata or {}).get(_MODEL_METADATA_KEY)
+        return IndexModel.from_dict(recorded) if isinstance(recorded, dict) else None
+
+    def _sample_page_models(self) -> set[str]:
+        records, _ = self._client.scroll(self._pages, limit=_LEGACY_SAMPLE, with_payload=["model"])
+        return {str(r.payload["model"]) for r in records if r.payload and r.payload.get("model")}
+
+    def _point_alias(self, collection: str) -> None:
+        if any(a.alias_name == self._alias for a in self._client.get_aliases().aliases):
+            return  # another replica was first; _resolve_index follows it next time
+        self._client.update_collection_aliases(
+            change_aliases_operations=[
+                qm.CreateAliasOperation(create_alias=qm.CreateAlias(collection_name=collection, alias_name=self._alias))
+            ]
+        )
+
+    def _bind_index(self, model: IndexModel) -> None:
+        """Open (or create) ``model``'s index behind the alias; IndexModelMismatch before any write."""
+        wanted = pages_layout(self._settings, model.dim)
+        self._resolve_index()
+        if not self._resolved:
+            name = index_collection_name(self._alias, model)
+            if not self._exists(name):
+                self._create_quietly(
+                    name,
+                    vectors_config=_pages_vectors_config(wanted),
+                    metadata={_LAYOUT_METADATA_KEY: wanted.as_dict(), _MODEL_METADATA_KEY: model.as_dict()},
+                )
+            self._point_alias(name)
+            self._pages, self._resolved = name, True
+        where = f"index {self._alias!r} (collection {self._pages!r})"
+        recorded = self._model_of_existing()
+        page_models = set() if recorded is not None else self._sample_page_models()
+        bound = bind_index_model(where, recorded, model, page_models)
+        existing = self._layout_of_existing()
+        if existing is None:
+            raise RuntimeError(f"collection {self._pages!r} exists but is not a page multivector collection")
+        existing.check_compatible(wanted, where)
+        if recorded is None:
+            # An index from before models were recorded, written by this model only.
+            self._client.update_collection(self._pages, metadata={_MODEL_METADATA_KEY: bound.as_dict()})
+        self._layout, self._model = existing, bound
+
+    def _ensure_records(self) -> None:
+        if not self._exists(self._records):
+            # Records carry no vector: the server allows vector-less collections.
+            self._create_quietly(self._records, vectors_config={})
+        self._client.create_payload_index(self._records, "document_id", qm.PayloadSchemaType.KEYWORD, wait=True)
+
     def _exists(self, collection: str) -> bool:
+        if collection == self._pages and not self._resolved:
+            self._resolve_index()
+            if not self._resolved:
+                return False
+            collection = self._pages
         # Collections are never dropped by this store: once seen, skip the round trip.
         if collection not in self._known_collections and self._client.collection_exists(collection):
             self._known_collections.add(collection)
@@ -70,19 +166,12 @@ class QdrantServerVectorStore:
 
     # -- collections -------------------------------------------------------------------------
 
-    def ensure_collections(self, dim: int = DEFAULT_DIM) -> None:
-        wanted = pages_layout(self._settings, dim)
-        if not self._exists(self._pages):
-            self._create_quietly(
-                self._pages,
-                vectors_config=_pages_vectors_config(wanted),
-                metadata={_LAYOUT_METADATA_KEY: wanted.as_dict()},
-            )
-        existing = self._layout_of_existing()
-        if existing is None:
-            raise RuntimeError(f"collection {self._pages!r} exists but is not a page multivector collection")
-        existing.check_compatible(wanted, f"collection {self._pages!r}")
-        self._layout = existing
+    def ensure_collections(self, dim: int | None = None, model: IndexModel | None = None) -> None:
+        wanted_model = model or (IndexModel.unspecified(dim) if dim is not None else None)
+        if wanted_model is None:
+            self._ensure_records()
+            return
+        self._bind_index(wanted_model)
         # Creating an existing index is a no-op on the server.
         for field, schema in (
             ("document_id", qm.PayloadSchemaType.KEYWORD),
@@ -212,7 +301,10 @@ class QdrantServerVectorStore:
                 limit=limit,
                 with_payload=True,
             )
-        return [(float(hit.score), dict(hit.payload or {})) for hit in response.points]
+        model = self.index_model()
+        label = model.label if model is not None else None
+        hits = [(float(hit.score), dict(hit.payload or {})) for hit in response.points]
+        return [(score, {**payload, "model": label}) if label else (score, payload) for score, payload in hits]
 
     # -- records -----------------------------------------------------------------------------
 
@@ -254,7 +346,9 @@ class QdrantServerVectorStore:
     def stats(self) -> dict[str, Any]:
         exists = self._exists(self._pages)
         return {
-            "collection_name": self._pages,
+            "collection_name": self._alias,
+            "index": self._pages if exists else None,
+            "model": model.as_dict() if (model := self.index_model() if exists else None) else None,
             "total_vectors": self.count_pages() if exists else 0,
             "vector_dimension": self._current_layout().dim if exists else None,
             "distance_metric": "COSINE",

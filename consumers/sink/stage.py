@@ -27,9 +27,12 @@ log = logging.getLogger(__name__)
 STAGE = "sink"
 
 
-def check_vectors(message: PageVectors, dim: int) -> None:
+def check_vectors(message: PageVectors, dim: int, model: str | None = None) -> None:
     """The sink's input check, the one place vectors from the topic are validated:
-    Qdrant must never see a NaN or a wrong-sized vector; such a page is dead-lettered."""
+    Qdrant must never see a NaN, a wrong-sized vector or another model's vectors; such a
+    page is dead-lettered. ``model``: the label of the index's model (None: not checked)."""
+    if model is not None and message.model != model:
+        raise InvalidVectorsError(f"vectors come from model {message.model!r}; the index belongs to {model!r}")
     try:
         array = message.to_array()
     except ValueError as exc:
@@ -62,6 +65,7 @@ class SinkHandler:
         self.store = store
         self.core = SinkCore(store)
         self.dim = index_dimension(store) if dim is None else dim
+        self.model_label: str | None = None
         self.failures = StageFailures(STAGE, self.topics.dlq)
         # Writes run here, off the poll thread; one at a time keeps latest-wins in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
@@ -82,7 +86,7 @@ class SinkHandler:
                 continue
             if isinstance(message, PageVectors):
                 try:
-                    check_vectors(message, self.dim)
+                    check_vectors(message, self.dim, self.model_label)
                 except InvalidVectorsError as exc:
                     letter, failed = self.failures.page(
                         record, message.document, page_number=message.page_number,
@@ -116,12 +120,19 @@ class SinkHandler:
 
 def build_sink(settings: ColstreamSettings, store: VectorStore | None = None, **runner_options: Any) -> StageRunner:
     """``runner_options`` go to :class:`StageRunner` (injected clients in tests)."""
+    from colstream.embedding.profile import index_model_for
+
+    index_model = index_model_for(settings.model)
     store = store or open_vector_store(settings.qdrant)
-    store.ensure_collections()
+    # Refuses to start (IndexModelMismatch) before anything is written when the index
+    # the alias points at belongs to another model.
+    store.ensure_collections(model=index_model)
+    handler = SinkHandler(settings, store)
+    handler.model_label = index_model.label
     tunables = settings.sink
     return StageRunner(
         settings,
-        SinkHandler(settings, store),
+        handler,
         topics=[settings.topics.vectors],
         group_id=f"{settings.consumer_group_prefix}sink",
         batch_size=tunables.batch_size,

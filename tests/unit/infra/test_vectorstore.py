@@ -14,6 +14,8 @@ from qdrant_client import QdrantClient
 
 from colstream.infra.settings import QdrantSettings
 from colstream.infra.vectorstore import (
+    IndexModel,
+    IndexModelMismatch,
     InvalidVectorsError,
     PagePoint,
     PatchGrid,
@@ -193,7 +195,7 @@ def test_ensure_collections_is_idempotent_and_refuses_another_shape(store: Vecto
     store.upsert_pages([make_page("doc", 1)])
     store.ensure_collections(dim=DIM)
     assert store.count_pages() == 1
-    with pytest.raises(RuntimeError, match="dim"):
+    with pytest.raises(IndexModelMismatch, match=f"{DIM * 2}-d"):
         store.ensure_collections(dim=DIM * 2)
 
 
@@ -272,10 +274,12 @@ def test_edge_refuses_a_shard_pooled_by_the_earlier_scheme(tmp_path: Path) -> No
     path = tmp_path / "qdrant"
     first = EdgeVectorStore(QdrantSettings(path=path, token_pooling_factor=4))
     first.ensure_collections(dim=DIM)
+    index = first.stats()["index"]
     first.close()
-    sidecar = path / "colpali_embeddings" / "colstream_layout.json"
+    sidecar = path / index / "colstream_layout.json"
     # What a sidecar looked like when pooling meant runs of consecutive tokens.
-    sidecar.write_text(json.dumps({"dim": DIM, "float16": True, "pooling_factor": 4, "prefetch_vector": False}))
+    sidecar.write_text(json.dumps({"dim": DIM, "float16": True, "pooling_factor": 4, "prefetch_vector": False,
+                                   "model": IndexModel.unspecified(DIM).as_dict()}))
     second = EdgeVectorStore(QdrantSettings(path=path, token_pooling_factor=4))
     try:
         with pytest.raises(RuntimeError, match="scheme"):
@@ -300,7 +304,7 @@ def test_delete_documents_purges_many_documents_in_one_call(tmp_path: Path) -> N
     from colstream.infra.vectorstore import open_vector_store
 
     store = open_vector_store(QdrantSettings(path=tmp_path / "q"))
-    store.ensure_collections()
+    store.ensure_collections(dim=128)
     rng = np.random.default_rng(3)
 
     def point(doc: str, version: int, page: int) -> PagePoint:
