@@ -1,0 +1,82 @@
+"""Metadata in page payloads and filtered search/count, on Edge and on qdrant-client's local mode."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from qdrant_client import QdrantClient
+
+from colstream.infra.settings import QdrantSettings
+from colstream.infra.vectorstore import PagePoint, UnknownFilterKey, VectorStore
+from colstream.infra.vectorstore_edge import EdgeVectorStore
+from colstream.infra.vectorstore_qdrant import QdrantServerVectorStore
+
+DIM = 16
+
+
+def page(document_id: str, metadata: dict[str, Any], seed: int) -> PagePoint:
+    vectors = np.random.default_rng(seed).standard_normal((4, DIM)).astype(np.float32)
+    return PagePoint(document_id=document_id, version=1, page_number=1, total_pages=1, filename=None,
+                     blob_uri=None, model="m", vectors=vectors, metadata=metadata)
+
+
+@pytest.fixture(params=["edge", "client-local"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorStore]:
+    settings = QdrantSettings(path=tmp_path / "q", indexed_metadata=["tenant", "tags"])
+    opened: VectorStore = (
+        EdgeVectorStore(settings) if request.param == "edge"
+        else QdrantServerVectorStore(settings, client=QdrantClient(location=":memory:"))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opened.ensure_collections(dim=DIM)
+    opened.upsert_pages([
+        page("a1", {"tenant": "acme", "tags": ["red", "blue"]}, 1),
+        page("a2", {"tenant": "acme", "tags": ["green"]}, 2),
+        page("g1", {"tenant": "globex", "tags": ["red"]}, 3),
+    ])
+    yield opened
+    opened.close()
+
+
+def found(store: VectorStore, filter_: dict[str, Any]) -> set[str]:
+    query = np.random.default_rng(9).standard_normal((2, DIM)).astype(np.float32)
+    return {payload["document_id"] for _, payload in store.search(query, limit=10, filter=filter_)}
+
+
+def test_payload_holds_the_metadata(store: VectorStore) -> None:
+    (payload,) = store.page_payloads("g1")
+    assert payload["metadata"] == {"tenant": "globex", "tags": ["red"]}
+
+
+@pytest.mark.parametrize(
+    ("filter_", "expected"),
+    [
+        ({"tenant": "acme"}, {"a1", "a2"}),
+        ({"tenant": ["globex", "initech"]}, {"g1"}),
+        ({"tags": "red"}, {"a1", "g1"}),
+        ({"tenant": "acme", "tags": "red"}, {"a1"}),
+        ({"document_id": ["a2", "g1"], "tenant": "acme"}, {"a2"}),
+        ({"tenant": []}, set()),
+    ],
+)
+def test_search_and_count_follow_the_filter(store: VectorStore, filter_: dict[str, Any], expected: set[str]) -> None:
+    assert found(store, filter_) == expected
+    assert store.count_pages(filter=filter_) == len(expected)
+
+
+def test_unknown_filter_key_is_refused_by_name(store: VectorStore) -> None:
+    with pytest.raises(UnknownFilterKey, match="'colour'"):
+        found(store, {"colour": "red"})
+
+
+def test_reupload_replaces_the_metadata_on_every_page(store: VectorStore) -> None:
+    store.upsert_pages([page("a1", {"tenant": "globex"}, 1)])
+    assert found(store, {"tenant": "globex"}) == {"g1", "a1"}
+    (payload,) = store.page_payloads("a1")
+    assert payload["metadata"] == {"tenant": "globex"}
