@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from fastapi import HTTPException
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from colstream.api.auth import (
     KeyConfigError,
@@ -25,8 +25,8 @@ ADMIN = "admin-key-0123456789abcdef"
 
 def ring() -> KeyRing:
     return KeyRing([
-        ApiKeySpec(key=READER, scopes=["read"], tenant="acme"),
-        ApiKeySpec(key_sha256=hashlib.sha256(ADMIN.encode()).hexdigest(), scopes=["admin"]),
+        ApiKeySpec(key=SecretStr(READER), scopes=["read"], tenant="acme"),
+        ApiKeySpec(key_sha256=SecretStr(hashlib.sha256(ADMIN.encode()).hexdigest()), scopes=["admin"]),
     ])
 
 
@@ -41,7 +41,7 @@ def test_keys_given_in_clear_or_as_sha256_identify_their_principal() -> None:
 
 def test_admin_with_a_tenant_is_refused_and_the_error_never_shows_the_key() -> None:
     with pytest.raises(ValidationError) as caught:
-        ColstreamSettings(api={"keys": [{"key": ADMIN, "scopes": ["admin"], "tenant": "acme"}]})
+        ColstreamSettings().updated(api={"keys": [{"key": ADMIN, "scopes": ["admin"], "tenant": "acme"}]})
     assert "admin spans every tenant" in str(caught.value)
     assert ADMIN not in str(caught.value)
 
