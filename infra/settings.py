@@ -454,6 +454,9 @@ class ColstreamSettings(BaseSettings):
     sink: SinkSettings = Field(default_factory=SinkSettings)
     page_images: PageImageSettings = Field(default_factory=PageImageSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     # Unprefixed names that win: see module docstring.
     kafka_bootstrap_servers: str | None = Field(
