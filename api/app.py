@@ -48,6 +48,7 @@ from colstream.api.deps import (
     RecordStoreLike,
     model_label,
 )
+from colstream.api.guards import RejectControlCharactersInPath
 from colstream.api.models import (
     AcceptedResponse,
     DeleteResponse,
@@ -255,6 +256,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.colstream = ctx
+    app.add_middleware(RejectControlCharactersInPath)
 
     @app.exception_handler(RejectedInput)
     async def _rejected(_: Request, exc: RejectedInput) -> JSONResponse:
@@ -365,6 +367,10 @@ def _documents_router(ctx: ApiContext) -> APIRouter:
         timeout_s: float = Query(DEFAULT_DELETE_TIMEOUT_S, ge=0, le=MAX_WAIT_S),
     ) -> JSONResponse:
         document_id = _validated_document_id(document_id)
+        current = await ctx.read_record(document_id)
+        if current is None or current.state == "deleted":
+            # Never seen (or already gone): a tombstone would only grow the records.
+            raise HTTPException(404, f"document {document_id!r} not found")
         published = await ctx.publish(lambda publisher: publisher.publish_delete(document_id))
         version: int | None = getattr(published, "offset", None)
         applied = False

@@ -11,6 +11,7 @@ instead (see ``tests/conftest.py``).
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -116,6 +117,21 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def new_cluster_id(random_bytes: bytes | None = None) -> str:
+    """A KRaft cluster id: a base64url-encoded 16-byte UUID, 22 characters.
+
+    base64url uses '-', and an id that starts with it reads as an option to
+    kafka-storage, so the first character is always a letter or digit: the
+    UUID's first byte is re-drawn until it encodes to one.
+    """
+    raw = bytearray(random_bytes if random_bytes is not None else uuid.uuid4().bytes)
+    while True:
+        cluster_id = base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
+        if cluster_id[0].isalnum():
+            return cluster_id
+        raw[0] = (raw[0] + 4) % 256
+
+
 @dataclass
 class LocalKafka:
     """The broker's files live under ``state_dir``: data, logs, pid and config."""
@@ -191,7 +207,7 @@ class LocalKafka:
             cluster_id = self._cluster_id()
             proc = subprocess.run(
                 [java_binary(), "-cp", classpath(), "kafka.tools.StorageTool", "format",
-                 "-t", cluster_id, "-c", str(props), "--standalone", "--ignore-formatted"],
+                 f"--cluster-id={cluster_id}", "-c", str(props), "--standalone", "--ignore-formatted"],
                 capture_output=True, text=True, check=False,
             )
             if proc.returncode != 0:
@@ -202,10 +218,7 @@ class LocalKafka:
         path = self.home / "cluster.id"
         if path.exists():
             return path.read_text().strip()
-        # KRaft cluster ids are base64url-encoded 16-byte UUIDs, 22 characters.
-        import base64
-
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_cluster_id()
         path.write_text(cluster_id)
         return cluster_id
 

@@ -86,7 +86,8 @@ from fastapi.responses import JSONResponse
 
 from colstream.infra.blobstore import AzureBlob, BlobError, resolve_blob_uri
 from colstream.infra.settings import BlobSettings, ColstreamSettings, EventGridSettings
-from colstream.schemas.events import DOCUMENT_ID_PATTERN, UploadEvent
+from colstream.schemas.events import UploadEvent
+from colstream.schemas.ids import is_valid_document_id
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ VALIDATION_EVENT = "Microsoft.EventGrid.SubscriptionValidationEvent"
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"
 BLOB_DELETED = "Microsoft.Storage.BlobDeleted"
 
-_DOCUMENT_ID_RE = re.compile(DOCUMENT_ID_PATTERN)
 _SAFE_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@/+-")
 _SUBJECT_RE = re.compile(r"^/blobServices/default/containers/(?P<container>[^/]+)/blobs/(?P<blob>.+)$")
 
@@ -188,10 +188,6 @@ def escape_id_part(value: str) -> str:
     while ".." in escaped:
         escaped = escaped.replace("..", ".=2E")
     return escaped
-
-
-def is_valid_document_id(value: str) -> bool:
-    return bool(_DOCUMENT_ID_RE.match(value)) and ".." not in value
 
 
 def derive_document_id(template: str, *, account: str, container: str, blob: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 from colstream.infra.kafka import OutRecord, ProducerClient
 from colstream.infra.settings import ColstreamSettings
 from colstream.schemas import UploadEvent, encode
+from colstream.schemas.ids import check_document_id
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class UploadPublisher:
         return self._publish(OutRecord(self.settings.topics.uploads, event.document_id, encode(event)), wait)
 
     def publish_delete(self, document_id: str, *, wait: bool = True) -> Published:
+        # The id rule of uploads: a near-miss id (a trailing newline) must not delete another document.
+        check_document_id(document_id)
         return self._publish(OutRecord(self.settings.topics.uploads, document_id, None), wait)
 
     def _publish(self, record: OutRecord, wait: bool) -> Published:

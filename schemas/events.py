@@ -24,13 +24,23 @@ from typing import Annotated, Any, Literal, TypeAlias
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema, field_validator, model_validator
 
+from colstream.schemas.ids import DocumentId, check_document_id
+from colstream.schemas.uris import redact_uris_in_text, strip_query, uri_basename
+
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
 
-# Printable, no path separators' tricks beyond '/', bounded: document ids end up
-# in Kafka keys, Qdrant payloads, blob names and log lines.
-DOCUMENT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:@/=+-]{0,255}$"
-_DOCUMENT_ID_RE = re.compile(DOCUMENT_ID_PATTERN)
+
+
+def _without_query(value: str | None) -> str | None:
+    return strip_query(value) if value is not None else None
+
+
+def _name_without_query(value: str | None) -> str | None:
+    # A name derived from a URL with a SAS query once kept the query; cut it off.
+    if value is not None and "?" in value and "=" in value.split("?", 1)[1]:
+        return value.split("?", 1)[0] or None
+    return value
 
 
 def utcnow() -> datetime:
@@ -50,12 +60,7 @@ def _check_schema_version(value: int) -> int:
 
 
 def _check_document_id(value: str) -> str:
-    if not _DOCUMENT_ID_RE.match(value) or ".." in value:
-        raise ValueError(
-            "document_id must be 1-256 characters of letters, digits and ._:@/=+- "
-            "(starting with a letter or digit, no '..')"
-        )
-    return value
+    return check_document_id(value)
 
 
 # Upload metadata is copied into every page's payload and filtered on: keys become
@@ -156,8 +161,11 @@ class UploadEvent(_Frozen):
         },
     )
 
-    document_id: str = Field(description="Stable id of the document; must equal the record key.")
-    blob_uri: str = Field(description="file:// under the configured root, or an allowlisted Azure blob URL.")
+    document_id: DocumentId = Field(description="Stable id of the document; must equal the record key.")
+    blob_uri: str = Field(
+        description="file:// under the configured root, or an allowlisted Azure blob URL, without a query string.",
+        max_length=4096,
+    )
     filename: str | None = Field(default=None, max_length=1024)
     content_type: str | None = Field(default=None, max_length=255)
     metadata: Metadata = Field(
@@ -166,7 +174,6 @@ class UploadEvent(_Frozen):
     )
     schema_version: int = SCHEMA_VERSION
 
-    _v_doc = field_validator("document_id")(_check_document_id)
     _v_schema = field_validator("schema_version")(_check_schema_version)
     _v_metadata = field_validator("metadata")(check_metadata)
 
@@ -175,12 +182,16 @@ class UploadEvent(_Frozen):
     def _blob_uri_scheme(cls, value: str) -> str:
         if not (value.startswith("file://") or value.startswith("https://") or value.startswith("http://")):
             raise ValueError("blob_uri must be a file://, https:// or (emulator) http:// URI")
+        if "?" in value or "#" in value:
+            # A SAS signature in an event would be stored, logged and served with the
+            # document; credentials come from settings, never from events.
+            raise ValueError("blob_uri must not carry a query string or fragment (SAS tokens belong in settings)")
         return value
 
     def display_name(self) -> str:
         if self.filename:
             return self.filename
-        return self.blob_uri.rstrip("/").rsplit("/", 1)[-1]
+        return uri_basename(self.blob_uri)
 
 
 class DocumentRef(_Frozen):
@@ -193,6 +204,7 @@ class DocumentRef(_Frozen):
     metadata: Metadata = None
 
     _v_metadata = field_validator("metadata")(check_metadata)
+    _v_blob_uri = field_validator("blob_uri")(_without_query)
 
 
 class PageTask(_Frozen):
@@ -383,6 +395,12 @@ class DeadLetter(_Frozen):
     page_number: int | None = None
     failed_at: datetime = Field(default_factory=utcnow)
 
+    @field_validator("message", "original_value")
+    @classmethod
+    def _redact_queries(cls, value: str | None) -> str | None:
+        # A refused event may carry a SAS signature; the dead letter must not keep it.
+        return redact_uris_in_text(value) if value is not None else None
+
     def original_value_bytes(self) -> bytes | None:
         if self.original_value_b64 is not None:
             return base64.b64decode(self.original_value_b64)
@@ -411,6 +429,10 @@ class DocumentRecord(BaseModel):
     error: str | None = None
     metadata: dict[str, Any] | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+
+    # Records written before queries were refused may still hold one: never serve it.
+    _v_blob_uri = field_validator("blob_uri")(_without_query)
+    _v_filename = field_validator("filename")(_name_without_query)
 
     @property
     def settled(self) -> bool:

@@ -295,6 +295,7 @@ def test_get_document_full_record_and_404s(api: Api) -> None:
 
 
 def test_delete_publishes_tombstone_and_accepts(api: Api) -> None:
+    api.store.put(record("doc-1", 3, "complete"))
     response = api.client.delete("/document/doc-1")
     assert response.status_code == 202
     assert response.json() == {
