@@ -125,7 +125,7 @@ async def test_publish_upload_writes_the_record_the_splitter_decodes(upstream: U
         blob_uri="file:///blobs/contracts/2026/a.pdf",
         filename="a.pdf",
         content_type="application/pdf",
-        metadata={"tenant": "acme", "pages": [1, 2]},
+        metadata={"tenant": "acme", "labels": ["signed", "2026"], "pages": 2},
     )
     plain = UploadEvent(document_id="invoice-42", blob_uri="file:///blobs/invoice-42.pdf")
 

@@ -30,8 +30,8 @@ def free_port() -> int:
 
 @contextmanager
 def run_all(settings: ColstreamSettings, log: Path, extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    port = free_port()
-    settings = settings.updated(api={"port": port, "public_url": f"http://127.0.0.1:{port}"})
+    """``colstream run all`` on ``settings`` (give it :func:`on_free_port` settings, so that the
+    CLI calls made with the same settings reach its API)."""
     env = {**settings_env(settings), "COLSTREAM_API__HOST": "127.0.0.1", **(extra_env or {})}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "colstream", "run", "all"], env=env, stdout=out,
@@ -43,6 +43,11 @@ def run_all(settings: ColstreamSettings, log: Path, extra_env: dict[str, str] | 
         finally:
             proc.terminate()
             proc.wait(60)
+
+
+def on_free_port(settings: ColstreamSettings) -> ColstreamSettings:
+    port = free_port()
+    return settings.updated(api={"port": port, "public_url": f"http://127.0.0.1:{port}"})
 
 
 def _healthy(url: str) -> bool:
@@ -77,6 +82,8 @@ def test_run_all_indexes_pdfs_published_with_kcat_and_the_cli_lists_them(
     locked = settings.blob.local_root / "locked.pdf"
     locked.write_bytes(make_encrypted_pdf(1, user_password="pw"))
     lines.append(upload_line("locked", locked.resolve().as_uri()))
+
+    settings = on_free_port(settings)
 
     with run_all(settings, tmp_path / "run-all.log") as url:
         kcat_produce(settings, settings.topics.uploads, lines)
@@ -116,6 +123,7 @@ def test_kafka_console_producer_publishes_uploads_and_tombstones(
     producer = ["kafka", "tool", "kafka-console-producer", "--bootstrap-server",
                 settings.kafka.bootstrap_servers or "", "--topic", settings.topics.uploads,
                 "--property", "parse.key=true", "--property", "key.separator=|"]
+    settings = on_free_port(settings)
     with run_all(settings, tmp_path / "run-all.log"):
         colstream(settings, *producer, stdin=f"console|{event}\n")
         wait_for(lambda: documents(settings).get("console", {}).get("indexed_pages") == 2, 120,
@@ -128,6 +136,7 @@ def test_dead_letters_are_redriven_once_the_cause_is_fixed(pipeline_settings: Co
                                                            tmp_path: Path) -> None:
     settings = pipeline_settings
     late = settings.blob.local_root / "late.pdf"
+    settings = on_free_port(settings)
     with run_all(settings, tmp_path / "run-all.log"):
         kcat_produce(settings, settings.topics.uploads, [upload_line("late", late.resolve().as_uri())])
         wait_for(lambda: "BlobNotFound" in colstream(settings, "dlq", "list"), 60, what="BlobNotFound")
@@ -236,6 +245,7 @@ def test_blob_dropped_in_azurite_and_announced_by_event_grid_is_indexed_then_rem
     service.get_blob_client(container, "reports/q3.pdf").upload_blob(make_pdf(4))
     url = f"{azurite.blob_endpoint}/{container}/reports/q3.pdf"
     env = azurite_env(azurite)
+    settings = on_free_port(settings)
     with run_all(settings, tmp_path / "run-all.log", env) as api:
         # the subscription handshake first, as Event Grid does when the webhook is registered
         handshake = httpx.post(f"{api}/eventgrid", timeout=10, json=[{
@@ -280,6 +290,7 @@ def test_publish_upload_of_a_local_file_to_an_azure_container(
         "COLSTREAM_BLOB__AZURE_UPLOAD_CONTAINER": container,
         "COLSTREAM_BLOB__AZURE_UPLOAD_ACCOUNT": azurite.account_name,
     }
+    settings = on_free_port(settings)
     with run_all(settings, tmp_path / "run-all.log", env):
         out = colstream(settings, "publish", "upload", "--document-id", "from-laptop", str(pdf), **env)
         assert f"{azurite.blob_endpoint}/{container}/" in out
@@ -293,7 +304,7 @@ def test_the_original_rest_surface_works_over_the_pipeline(pipeline_settings: Co
     """The seeds' endpoints, now producers and read models around Kafka."""
     import base64
 
-    settings = pipeline_settings
+    settings = on_free_port(pipeline_settings)
     with run_all(settings, tmp_path / "run-all.log") as api:
         health = httpx.get(f"{api}/health", timeout=10).json()
         assert health["status"] == "healthy" and health["kafka_connected"] and health["qdrant_connected"]

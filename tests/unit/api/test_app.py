@@ -543,12 +543,14 @@ def test_embed_query(api: Api) -> None:
 
 
 def test_search_embeds_query_and_returns_hits(api: Api) -> None:
-    payload = {"document_id": "inv-42", "page_number": 2, "version": 10, "filename": "inv.pdf"}
+    payload = {"document_id": "inv-42", "page_number": 2, "version": 10, "filename": "inv.pdf", "model": "m"}
     api.store.search_results = [(0.91, payload), (0.5, {**payload, "page_number": 1})]
     response = api.client.post("/search", json={"query": "invoice total", "limit": 1, "document_id": "inv-42"})
     assert response.status_code == 200
     body = response.json()
-    assert body["hits"] == [{"score": 0.91, "document_id": "inv-42", "page_number": 2, "payload": payload}]
+    assert body["hits"] == [
+        {"score": 0.91, "document_id": "inv-42", "page_number": 2, "model": "m", "payload": payload}
+    ]
     ((query, limit, document_id),) = api.store.search_calls
     assert (query.shape, limit, document_id) == ((2, 128), 1, "inv-42")
     assert np.isfinite(query).all()

@@ -20,7 +20,8 @@ from colstream.infra.stage_runner import RawRecord
 from tests.fixtures import docs, faults
 
 COLQWEN2 = PlainTarget(max_pixels=768 * 28 * 28)
-OPEN_TIMEOUT_S = 1.0
+# Long enough that rendering a tiny page never hits it on a loaded CI machine.
+OPEN_TIMEOUT_S = 3.0
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -41,7 +42,7 @@ def test_a_file_that_hangs_on_open_costs_one_worker_and_an_open_timeout(tmp_path
             pool.inspect(hangs, "pdf")
         assert time.monotonic() - started < OPEN_TIMEOUT_S + 3
         assert refused.value.error_type == "OpenTimeout"
-        assert "took longer than 1s" in refused.value.message
+        assert f"took longer than {OPEN_TIMEOUT_S:g}s" in refused.value.message
         # Exactly one worker was killed and replaced; the pool is whole and goes on.
         assert pool.workers_replaced == 1
         assert len(pool.worker_pids()) == 2 and len(set(pool.worker_pids()) - pids_before) == 1
