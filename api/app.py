@@ -285,7 +285,15 @@ def _mount_eventgrid(app: FastAPI, settings: ColstreamSettings, ctx: ApiContext)
             raise
         log.info("Event Grid webhook not available in this build")
         return
-    app.include_router(build_eventgrid_router(settings, LazyProxy(ctx.publisher)))
+    from colstream.producers.eventgrid import EventGridNotSecured
+
+    try:
+        router = build_eventgrid_router(settings, LazyProxy(ctx.publisher))
+    except EventGridNotSecured as exc:
+        # Refused, not mounted open: an unauthenticated /eventgrid lets anyone delete documents.
+        log.warning("/eventgrid not mounted: %s", exc)
+        return
+    app.include_router(router)
 
 
 def _validated_document_id(document_id: str) -> str:

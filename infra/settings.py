@@ -25,6 +25,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from colstream.schemas.events import METADATA_KEY_PATTERN
 
+# A shared secret shorter than this is guessable; `openssl rand -hex 24` gives 48.
+EVENTGRID_MIN_SECRET_CHARS = 16
+
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("COLSTREAM_STATE_DIR", Path.cwd() / ".colstream")).resolve()
@@ -332,13 +335,26 @@ class EventGridSettings(Section):
     validation_host_suffixes: list[str] = Field(
         default_factory=lambda: [".eventgrid.azure.net", ".eventgrid.azure.us", ".eventgrid.azure.cn"]
     )
-    # Optional secret the subscription appends as ?key=... to the webhook URL.
+    # Secret the subscription appends as ?key=... to the webhook URL (or sends in the
+    # X-Colstream-Eventgrid-Key delivery header). Without one the route is not mounted,
+    # unless allow_unauthenticated says, explicitly, that anyone may post deliveries.
     shared_secret: SecretStr | None = None
+    allow_unauthenticated: bool = False
     # Event Grid batches are at most 1 MB; anything much bigger is not Event Grid.
     max_body_bytes: int = 2 * 1024 * 1024
     # BlobCreated with these APIs carry no content yet (ADLS Gen2 creates the empty
     # file first, then fires again on FlushWithClose).
     ignored_created_apis: list[str] = Field(default_factory=lambda: ["CreateFile"])
+
+    @field_validator("shared_secret")
+    @classmethod
+    def _strong_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < EVENTGRID_MIN_SECRET_CHARS:
+            raise ValueError(
+                f"the Event Grid shared secret must be at least {EVENTGRID_MIN_SECRET_CHARS} characters "
+                "(e.g. `openssl rand -hex 24`)"
+            )
+        return value
 
 
 class SplitterSettings(Section):

@@ -35,11 +35,21 @@ without extension). Each substituted value is escaped so the result always fits
 ``DOCUMENT_ID_PATTERN``: characters outside ``[A-Za-z0-9._:@/+-]`` become
 ``=XX`` per UTF-8 byte (``=`` itself becomes ``=3D``, so the mapping is
 injective), and a second ``.`` of a ``..`` becomes ``=2E``. Example: blob
-``reports/Q1 2026.pdf`` in ``docs`` -> ``docs/reports/Q1=202026.pdf``. An explicit
-``documentId`` / ``document_id`` in the event data (or in ``data.metadata``) wins
-over the template; it is used verbatim and must already be valid. An event whose
-id still does not fit (too long, template starting with a symbol) is skipped
-and reported, not retried: retrying cannot fix it.
+``reports/Q1 2026.pdf`` in ``docs`` -> ``docs/reports/Q1=202026.pdf``. The id comes
+from the blob's address (``data.url``, checked against the blob allowlist) and
+nothing else: fields the sender controls (``data.documentId``, ``data.metadata``,
+``subject``) never choose which document an event creates or deletes. An event
+whose id does not fit (too long, template starting with a symbol) is skipped and
+reported, not retried: retrying cannot fix it.
+
+Authentication: every request (``POST`` and ``OPTIONS``) must carry the shared
+secret, as ``?key=<secret>`` on the subscription's webhook URL or in the
+``X-Colstream-Eventgrid-Key`` delivery header; both are compared in constant time
+(digests of equal length). :func:`build_eventgrid_router` refuses to build a route
+without a secret unless ``allow_unauthenticated`` is set explicitly.
+
+Envelopes are read by the Azure SDK (``azure.eventgrid.EventGridEvent`` for the
+Event Grid schema, ``azure.core.messaging.CloudEvent`` for CloudEvents 1.0).
 
 Duplicates: Event Grid delivers at least once. An event whose ``id`` was already
 applied is dropped (bounded LRU of ``dedupe_capacity`` ids); so is one whose
@@ -69,6 +79,7 @@ same blob cannot overtake each other between the check and the publish.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -80,6 +91,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlsplit
 
+from azure.core.messaging import CloudEvent
+from azure.eventgrid import EventGridEvent
 from fastapi import APIRouter, BackgroundTasks, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -127,51 +140,61 @@ class DeliveryError(ValueError):
     """The request body is not an Event Grid or CloudEvents delivery (HTTP 400)."""
 
 
+def _event_data(data: Any) -> dict[str, Any]:
+    if isinstance(data, bytes | bytearray):  # CloudEvents data_base64, decoded by the SDK
+        data = data.decode("utf-8", "replace")
+    if isinstance(data, str):  # some publishers send data as a JSON string
+        try:
+            data = json.loads(data)
+        except ValueError:
+            data = {"value": data}
+    return data if isinstance(data, dict) else {}
+
+
+def _parse_one(index: int, item: Any) -> IncomingEvent:
+    if not isinstance(item, dict):
+        raise DeliveryError(f"event #{index} is not a JSON object")
+    event_id: object
+    event_type: object
+    subject: object
+    data: object
+    source: object
+    if "specversion" in item:
+        if str(item.get("specversion")) != "1.0":
+            raise DeliveryError(f"event #{index}: unsupported CloudEvents specversion {item.get('specversion')!r}")
+        try:
+            cloud: CloudEvent[Any] = CloudEvent.from_dict(item)
+        except (ValueError, TypeError, KeyError) as error:
+            raise DeliveryError(f"event #{index} is not a CloudEvents 1.0 event: {error}") from error
+        event_id, event_type, subject, data, source = cloud.id, cloud.type, cloud.subject, cloud.data, cloud.source
+        schema: Literal["eventgrid", "cloudevents"] = "cloudevents"
+    elif "eventType" in item:
+        try:
+            grid = EventGridEvent.from_dict(item)
+        except (ValueError, TypeError, KeyError) as error:
+            raise DeliveryError(f"event #{index} is not an Event Grid event: {error}") from error
+        event_id, event_type, subject, data, source = grid.id, grid.event_type, grid.subject, grid.data, grid.topic
+        schema = "eventgrid"
+    else:
+        raise DeliveryError(f"event #{index} has neither 'eventType' (Event Grid) nor 'specversion' (CloudEvents)")
+    if not isinstance(event_type, str) or not event_type:
+        raise DeliveryError(f"event #{index} has no event type")
+    if not isinstance(event_id, str) or not event_id:
+        raise DeliveryError(f"event #{index} has no id")
+    return IncomingEvent(
+        id=event_id,
+        type=event_type,
+        subject=subject if isinstance(subject, str) else "",
+        data=_event_data(data),
+        schema=schema,
+        source=source if isinstance(source, str) else None,
+    )
+
+
 def parse_delivery(body: Any) -> list[IncomingEvent]:
+    """Events of a delivery (one event or a batch, either schema), read with the Azure SDK."""
     items = body if isinstance(body, list) else [body]
-    events: list[IncomingEvent] = []
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise DeliveryError(f"event #{index} is not a JSON object")
-        data = item.get("data")
-        if isinstance(data, str):  # some publishers send data as a JSON string
-            try:
-                data = json.loads(data)
-            except ValueError:
-                data = {"value": data}
-        if not isinstance(data, dict):
-            data = {}
-        if "specversion" in item:
-            if str(item.get("specversion")) != "1.0":
-                raise DeliveryError(
-                    f"event #{index}: unsupported CloudEvents specversion {item.get('specversion')!r}"
-                )
-            schema: Literal["eventgrid", "cloudevents"] = "cloudevents"
-            event_type = item.get("type")
-        elif "eventType" in item:
-            schema = "eventgrid"
-            event_type = item.get("eventType")
-        else:
-            raise DeliveryError(
-                f"event #{index} has neither 'eventType' (Event Grid) nor 'specversion' (CloudEvents)"
-            )
-        if not isinstance(event_type, str) or not event_type:
-            raise DeliveryError(f"event #{index} has no event type")
-        event_id = item.get("id")
-        if not isinstance(event_id, str) or not event_id:
-            raise DeliveryError(f"event #{index} has no id")
-        subject = item.get("subject")
-        events.append(
-            IncomingEvent(
-                id=event_id,
-                type=event_type,
-                subject=subject if isinstance(subject, str) else "",
-                data=data,
-                schema=schema,
-                source=item.get("source") or item.get("topic"),
-            )
-        )
-    return events
+    return [_parse_one(index, item) for index, item in enumerate(items)]
 
 
 # --------------------------------------------------------------------------- document ids
@@ -195,16 +218,6 @@ def derive_document_id(template: str, *, account: str, container: str, blob: str
     stem = name.rsplit(".", 1)[0] if "." in name[1:] else name
     fields = {"account": account, "container": container, "blob": blob, "name": name, "stem": stem}
     return template.format(**{key: escape_id_part(val) for key, val in fields.items()})
-
-
-def _explicit_document_id(data: dict[str, Any]) -> str | None:
-    for source in (data, data.get("metadata") if isinstance(data.get("metadata"), dict) else {}):
-        assert isinstance(source, dict)
-        for key in ("documentId", "document_id"):
-            value = source.get(key)
-            if isinstance(value, str) and value:
-                return value
-    return None
 
 
 # --------------------------------------------------------------------------- blob addresses
@@ -354,7 +367,8 @@ class EventGridProcessor:
             outcome.skipped.append((event.id, error.message))
             log.warning("eventgrid: skipped %s %s: %s", event.type, event.id, error)
             return
-        document_id = _explicit_document_id(event.data) or derive_document_id(
+        # Only the blob's address names the document: never a field the sender filled in.
+        document_id = derive_document_id(
             self.settings.document_id_template,
             account=address.account,
             container=address.container,
@@ -450,11 +464,47 @@ def _run_validation_get(http_get: HttpGet, url: str) -> None:
 # --------------------------------------------------------------------------- HTTP
 
 
+KEY_HEADER = "X-Colstream-Eventgrid-Key"
+
+
+class EventGridNotSecured(RuntimeError):
+    """No shared secret is configured and unauthenticated deliveries were not allowed."""
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8")).digest()
+
+
+def delivery_authorised(settings: EventGridSettings, query_key: str | None, header_key: str | None) -> bool:
+    """Whether a request carries the shared secret; constant time, whatever the lengths."""
+    if settings.shared_secret is None:
+        return settings.allow_unauthenticated
+    expected = _digest(settings.shared_secret.get_secret_value())
+    # Both candidates are always compared, so timing never says which one was present.
+    by_query = hmac.compare_digest(_digest(query_key or ""), expected) and bool(query_key)
+    by_header = hmac.compare_digest(_digest(header_key or ""), expected) and bool(header_key)
+    return by_query or by_header
+
+
+def check_secured(settings: EventGridSettings) -> None:
+    if settings.shared_secret is None and not settings.allow_unauthenticated:
+        raise EventGridNotSecured(
+            "the Event Grid webhook needs COLSTREAM_EVENTGRID__SHARED_SECRET (appended as ?key=... to the "
+            "subscription's endpoint); set COLSTREAM_EVENTGRID__ALLOW_UNAUTHENTICATED=true to run it open"
+        )
+
+
 def build_eventgrid_router(
     settings: ColstreamSettings, publisher: Publisher, http_get: HttpGet | None = None
 ) -> APIRouter:
-    """FastAPI router with ``POST /eventgrid`` and ``OPTIONS /eventgrid``."""
+    """FastAPI router with ``POST /eventgrid`` and ``OPTIONS /eventgrid``.
+
+    Raises :class:`EventGridNotSecured` when no secret is configured and
+    unauthenticated deliveries were not allowed explicitly."""
     eg = settings.eventgrid
+    check_secured(eg)
+    if eg.shared_secret is None:
+        log.warning("eventgrid: the webhook accepts unauthenticated deliveries (allow_unauthenticated=true)")
     processor = EventGridProcessor(eg, settings.blob, publisher)
     getter: HttpGet = http_get or default_http_get
     router = APIRouter(tags=["eventgrid"])
@@ -462,10 +512,7 @@ def build_eventgrid_router(
     router.eventgrid_processor = processor  # type: ignore[attr-defined]
 
     def _authorised(request: Request) -> bool:
-        if eg.shared_secret is None:
-            return True
-        given = request.query_params.get("key", "")
-        return hmac.compare_digest(given.encode(), eg.shared_secret.get_secret_value().encode())
+        return delivery_authorised(eg, request.query_params.get("key"), request.headers.get(KEY_HEADER))
 
     @router.options("/eventgrid")
     async def abuse_protection(request: Request, background: BackgroundTasks) -> Response:
@@ -489,7 +536,7 @@ def build_eventgrid_router(
     @router.post("/eventgrid")
     async def deliver(request: Request, background: BackgroundTasks) -> Response:
         if not _authorised(request):
-            return JSONResponse({"error": "missing or wrong ?key="}, status_code=401)
+            return JSONResponse({"error": "missing or wrong Event Grid key"}, status_code=401)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > eg.max_body_bytes:
             return JSONResponse({"error": "delivery too large"}, status_code=413)

@@ -245,10 +245,14 @@ def test_blob_dropped_in_azurite_and_announced_by_event_grid_is_indexed_then_rem
     service.get_blob_client(container, "reports/q3.pdf").upload_blob(make_pdf(4))
     url = f"{azurite.blob_endpoint}/{container}/reports/q3.pdf"
     env = azurite_env(azurite)
+    # The webhook is mounted only with a secret; the subscription's endpoint carries it as ?key=.
+    secret = uuid.uuid4().hex
+    env["COLSTREAM_EVENTGRID__SHARED_SECRET"] = secret
     settings = on_free_port(settings)
-    with run_all(settings, tmp_path / "run-all.log", env) as api:
+    with run_all(settings, tmp_path / "run-all.log", env) as base:
+        api = f"{base}/eventgrid?key={secret}"
         # the subscription handshake first, as Event Grid does when the webhook is registered
-        handshake = httpx.post(f"{api}/eventgrid", timeout=10, json=[{
+        handshake = httpx.post(api, timeout=10, json=[{
             "id": str(uuid.uuid4()), "topic": "/subscriptions/x", "subject": "",
             "data": {"validationCode": "512d38b6-c7b8-40c8-89fe-f46f9e9dfb7f"},
             "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent",
@@ -257,9 +261,9 @@ def test_blob_dropped_in_azurite_and_announced_by_event_grid_is_indexed_then_rem
 
         created = _eventgrid_event("Microsoft.Storage.BlobCreated", url, container, "reports/q3.pdf",
                                    "0000000000000000000000000000100000000000000000a1")
-        assert httpx.post(f"{api}/eventgrid", json=[created], timeout=10).status_code == 200
+        assert httpx.post(api, json=[created], timeout=10).status_code == 200
         # Event Grid delivers at least once: the same delivery again is harmless
-        assert httpx.post(f"{api}/eventgrid", json=[created], timeout=10).status_code == 200
+        assert httpx.post(api, json=[created], timeout=10).status_code == 200
         doc_id = f"{container}/reports/q3.pdf"
         wait_for(lambda: documents(settings).get(doc_id, {}).get("indexed_pages") == 4, 180, what="blob indexed")
         uploads = [k for k, v in read_all(settings, settings.topics.uploads) if k == doc_id and v]
@@ -268,9 +272,9 @@ def test_blob_dropped_in_azurite_and_announced_by_event_grid_is_indexed_then_rem
         service.get_blob_client(container, "reports/q3.pdf").delete_blob()
         deleted = _eventgrid_event("Microsoft.Storage.BlobDeleted", url, container, "reports/q3.pdf",
                                    "0000000000000000000000000000100000000000000000b2")
-        assert httpx.post(f"{api}/eventgrid", json=[deleted], timeout=10).status_code == 200
+        assert httpx.post(api, json=[deleted], timeout=10).status_code == 200
         # a late, re-delivered BlobCreated for the older change must not resurrect it
-        assert httpx.post(f"{api}/eventgrid", json=[{**created, "id": str(uuid.uuid4())}],
+        assert httpx.post(api, json=[{**created, "id": str(uuid.uuid4())}],
                           timeout=10).status_code == 200
         wait_for(lambda: doc_id not in documents(settings), 60, what="blob removed")
         time.sleep(2)

@@ -20,6 +20,8 @@ from fastapi.testclient import TestClient
 
 from colstream.infra.settings import BlobSettings, ColstreamSettings, EventGridSettings
 from colstream.producers.eventgrid import (
+    KEY_HEADER,
+    EventGridNotSecured,
     EventGridProcessor,
     build_eventgrid_router,
     derive_document_id,
@@ -176,15 +178,21 @@ def make_settings(**eventgrid: Any) -> ColstreamSettings:
     )
 
 
+SECRET = "0123456789abcdef0123456789abcdef"
+
+
 class Harness:
-    def __init__(self, **eventgrid: Any) -> None:
+    """The router with a shared secret; the client sends it in the delivery header unless told not to."""
+
+    def __init__(self, *, send_key: bool = True, **eventgrid: Any) -> None:
+        eventgrid.setdefault("shared_secret", SECRET)
         self.publisher = FakePublisher()
         self.gets: list[str] = []
         app = FastAPI()
         app.include_router(
             build_eventgrid_router(make_settings(**eventgrid), self.publisher, http_get=self.gets.append)
         )
-        self.client = TestClient(app)
+        self.client = TestClient(app, headers={KEY_HEADER: SECRET} if send_key else {})
 
     def post(self, body: Any, content_type: str = "application/json", path: str = "/eventgrid") -> Any:
         return self.client.post(path, content=json.dumps(body), headers={"Content-Type": content_type})
@@ -452,17 +460,26 @@ def test_document_id_escaping_is_valid_and_injective() -> None:
         )
 
 
-def test_template_and_explicit_override() -> None:
+def test_template_names_the_document_and_sender_fields_never_do() -> None:
     h = Harness(document_id_template="{account}:{stem}")
     h.post(EG_BLOB_CREATED)
-    explicit = with_(
+    forged = with_(
         EG_BLOB_CREATED[0],
         id="x",
         sequencer="00000000000004420000000000028964",
-        metadata={"document_id": "invoice-42"},
+        documentId="victim",
+        document_id="victim",
+        metadata={"document_id": "victim", "documentId": "victim"},
     )
-    h.post([explicit])
-    assert h.publisher.summary == [("upload", "example:testfile"), ("upload", "invoice-42")]
+    h.post([forged])
+    assert h.publisher.summary == [("upload", "example:testfile"), ("upload", "example:testfile")]
+
+
+def test_forged_blob_deleted_cannot_name_another_document() -> None:
+    h = Harness()
+    forged = with_(EG_BLOB_DELETED[0], id="forged", documentId="victim", metadata={"document_id": "victim"})
+    assert h.post([forged]).status_code == 200
+    assert h.publisher.summary == [("delete", DOC_ID)]
 
 
 def test_bad_template_fails_at_startup() -> None:
@@ -478,11 +495,45 @@ def test_unfit_document_id_is_skipped_not_published() -> None:
     assert h.publisher.calls == []
 
 
-def test_shared_secret_is_required_when_configured() -> None:
-    h = Harness(shared_secret="s3cret")
+def test_shared_secret_is_required_on_every_request() -> None:
+    h = Harness(send_key=False)
     assert h.post(EG_VALIDATION).status_code == 401
+    assert h.post(EG_BLOB_DELETED).status_code == 401
     assert h.post(EG_VALIDATION, path="/eventgrid?key=wrong").status_code == 401
-    assert h.post(EG_VALIDATION, path="/eventgrid?key=s3cret").json()["validationResponse"]
+    assert h.post(EG_VALIDATION, path=f"/eventgrid?key={SECRET[:-1]}").status_code == 401
+    assert h.post(EG_VALIDATION, path="/eventgrid?key=").status_code == 401
+    assert h.client.options("/eventgrid", headers={"WebHook-Request-Origin": "eventgrid.azure.net"}).status_code == 401
+    assert h.publisher.calls == []
+    assert h.post(EG_VALIDATION, path=f"/eventgrid?key={SECRET}").json()["validationResponse"]
+    wrong_header = h.client.post("/eventgrid", content=json.dumps(EG_VALIDATION), headers={KEY_HEADER: "x" * 32})
+    assert wrong_header.status_code == 401
+    assert h.client.post("/eventgrid", content=json.dumps(EG_VALIDATION), headers={KEY_HEADER: SECRET}).status_code == 200
+
+
+def test_router_refuses_to_build_without_a_secret_unless_explicitly_open() -> None:
+    with pytest.raises(EventGridNotSecured, match="SHARED_SECRET"):
+        build_eventgrid_router(make_settings(), FakePublisher())
+    with pytest.raises(ValueError, match="at least 16"):
+        EventGridSettings(shared_secret="short")
+    open_h = Harness(send_key=False, shared_secret=None, allow_unauthenticated=True)
+    assert open_h.post(EG_VALIDATION).status_code == 200
+
+
+def test_api_does_not_mount_an_unauthenticated_webhook(tmp_path: Any) -> None:
+    from colstream.api.app import create_app
+
+    base = ColstreamSettings(state_dir=tmp_path).updated(
+        blob={"local_root": tmp_path / "blobs", "azure_accounts": ["example"], "azure_containers": ["testcontainer"]}
+    )
+    publisher = FakePublisher()
+    with TestClient(create_app(base, publisher=publisher, kafka_probe=lambda: True)) as client:
+        assert client.post("/eventgrid", json=EG_BLOB_DELETED).status_code in (404, 405)
+        assert "/eventgrid" not in client.get("/openapi.json").json()["paths"]
+    secured = base.updated(eventgrid={"shared_secret": SECRET})
+    with TestClient(create_app(secured, publisher=publisher, kafka_probe=lambda: True)) as client:
+        assert client.post("/eventgrid", json=EG_BLOB_DELETED).status_code == 401
+        assert client.post(f"/eventgrid?key={SECRET}", json=EG_BLOB_DELETED).status_code == 200
+    assert publisher.summary == [("delete", DOC_ID)]
 
 
 def test_parse_delivery_accepts_mixed_schema_batch() -> None:
