@@ -84,7 +84,10 @@ class KafkaSettings(Section):
             conf["sasl.password"] = self.sasl_password.get_secret_value()
         if self.ssl_ca_location:
             conf["ssl.ca.location"] = self.ssl_ca_location
-        return conf
+        # librdkafka's errors and log lines, one line per kind per interval with a count.
+        from colstream.infra.kafka_logs import kafka_log_config
+
+        return kafka_log_config(conf)
 
     def producer_config(self) -> dict[str, Any]:
         return {
