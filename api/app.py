@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from colstream.api.auth import Authenticator, KeyRing, Principal, tenant_metadata
 from colstream.api.content import (
     RejectedInput,
     blob_safe_name,
@@ -39,6 +40,7 @@ from colstream.api.content import (
     clean_filename,
     decode_base64_image,
 )
+from colstream.api.contract import install_error_contract
 from colstream.api.deps import (
     BlobWriterLike,
     EmbedderLike,
@@ -49,6 +51,7 @@ from colstream.api.deps import (
     model_label,
 )
 from colstream.api.guards import RejectControlCharactersInPath
+from colstream.api.limits import LimitRequestBody
 from colstream.api.models import (
     AcceptedResponse,
     DeleteResponse,
@@ -62,9 +65,7 @@ from colstream.api.models import (
     ErrorResponse,
     HealthResponse,
     IngestResponse,
-    SearchHit,
-    SearchRequest,
-    SearchResponse,
+    PooledEmbedResponse,
     StatsResponse,
 )
 from colstream.api.progress import (
@@ -75,6 +76,8 @@ from colstream.api.progress import (
     summary,
     upload_finished,
 )
+from colstream.api.search import build_search_router
+from colstream.api.tenancy import check_tenant_index, parse_metadata_field, visible, visible_records
 from colstream.infra.settings import ColstreamSettings, ModelSettings
 from colstream.schemas.events import DocumentRecord, UploadEvent, _check_document_id, utcnow
 
@@ -88,6 +91,7 @@ SPOOL_CHUNK_BYTES = 1024 * 1024
 T = TypeVar("T")
 
 ModelLoader = Callable[[ModelSettings], EmbedderLike]
+Require = Callable[[Any], Any]
 StageStats = Callable[[], dict[str, Any]]
 KafkaProbe = Callable[[], bool]
 
@@ -221,8 +225,14 @@ def create_app(
     kafka_probe: KafkaProbe | None = None,
     poll_interval_s: float = 0.25,
     mount_eventgrid: bool = True,
+    gpu_probe: Callable[[], bool] | None = None,
 ) -> FastAPI:
-    """Build the API. Every dependency not passed in is opened from ``settings`` on first use."""
+    """Build the API. Every dependency not passed in is opened from ``settings`` on first use.
+
+    Refuses bad key configuration here, before anything is served (KeyConfigError)."""
+    authenticator = Authenticator(KeyRing.from_settings(settings.api))
+    check_tenant_index(settings)
+    require: Require = authenticator.require
     loader = model_loader or _default_model_loader
     publisher_lazy: Lazy[PublisherLike] = Lazy(lambda: _default_publisher(settings), given=publisher)
     ctx = ApiContext(
@@ -256,16 +266,19 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.colstream = ctx
+    app.add_middleware(LimitRequestBody, max_bytes=settings.api.max_upload_bytes)
     app.add_middleware(RejectControlCharactersInPath)
+    install_error_contract(app)
 
     @app.exception_handler(RejectedInput)
     async def _rejected(_: Request, exc: RejectedInput) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
 
-    app.include_router(_health_router(ctx))
-    app.include_router(_documents_router(ctx))
-    app.include_router(_ingest_router(ctx))
-    app.include_router(_embedding_router(ctx))
+    app.include_router(_health_router(ctx, gpu_probe or _cuda_available))
+    app.include_router(_documents_router(ctx, require))
+    app.include_router(_ingest_router(ctx, require))
+    app.include_router(_embedding_router(ctx, require))
+    app.include_router(build_search_router(ctx, require))
     if mount_eventgrid:
         _mount_eventgrid(app, settings, ctx)
     return app
@@ -311,7 +324,22 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------- health
 
 
-def _health_router(ctx: ApiContext) -> APIRouter:
+_gpu: list[bool] = []
+
+
+def _cuda_available() -> bool:
+    """Whether torch sees a CUDA device; asked once per process (importing torch takes seconds)."""
+    if not _gpu:
+        try:
+            import torch
+
+            _gpu.append(bool(torch.cuda.is_available()))
+        except Exception:
+            _gpu.append(False)
+    return _gpu[0]
+
+
+def _health_router(ctx: ApiContext, gpu_probe: Callable[[], bool]) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     def qdrant_reachable() -> bool:
@@ -323,8 +351,8 @@ def _health_router(ctx: ApiContext) -> APIRouter:
 
     @router.get("/health", response_model=HealthResponse)
     async def health() -> HealthResponse:
-        kafka_ok, qdrant_ok = await asyncio.gather(
-            run_in_threadpool(ctx.kafka_probe), run_in_threadpool(qdrant_reachable)
+        kafka_ok, qdrant_ok, gpu = await asyncio.gather(
+            run_in_threadpool(ctx.kafka_probe), run_in_threadpool(qdrant_reachable), run_in_threadpool(gpu_probe)
         )
         model = ctx.model.peek()
         stages = await run_in_threadpool(ctx.stage_stats) if ctx.stage_stats else None
@@ -333,6 +361,7 @@ def _health_router(ctx: ApiContext) -> APIRouter:
             kafka_connected=kafka_ok,
             qdrant_connected=qdrant_ok,
             model_loaded=model is not None,
+            gpu_available=gpu,
             # Until the model loads this is what was asked for ("auto" included).
             device=str(model.device) if model is not None else ctx.settings.model.device,
             model=model_label(model) if model is not None else None,
@@ -345,19 +374,20 @@ def _health_router(ctx: ApiContext) -> APIRouter:
 # ----------------------------------------------------------------------------- documents
 
 
-def _documents_router(ctx: ApiContext) -> APIRouter:
+def _documents_router(ctx: ApiContext, require: Require) -> APIRouter:
     router = APIRouter(tags=["documents"], responses=_ERRORS)
 
     @router.get("/documents", response_model=list[DocumentSummary])
-    async def list_documents() -> list[DocumentSummary]:
+    async def list_documents(principal: Principal = Depends(require("read"))) -> list[DocumentSummary]:
         records: list[DocumentRecord] = await ctx.call_store("list_records")
-        live = [record for record in records if record.state != "deleted"]
+        live = [record for record in visible_records(principal, records) if record.state != "deleted"]
         return [summary(record) for record in sorted(live, key=lambda r: r.document_id)]
 
     # `:path` because document ids may contain '/' (e.g. "{container}/{blob}" from Event Grid).
     @router.get("/documents/{document_id:path}", response_model=DocumentDetail)
-    async def get_document(document_id: str) -> DocumentDetail:
-        record = await ctx.read_record(document_id)
+    async def get_document(document_id: str, principal: Principal = Depends(require("read"))) -> DocumentDetail:
+        # Another tenant's document answers exactly as a missing one does.
+        record = visible(principal, await ctx.read_record(document_id))
         if record is None:
             raise HTTPException(404, f"document {document_id!r} not found")
         if record.state == "deleted":
@@ -373,9 +403,10 @@ def _documents_router(ctx: ApiContext) -> APIRouter:
         document_id: str,
         wait: bool = Query(False, description="Wait until the sink has removed the pages."),
         timeout_s: float = Query(DEFAULT_DELETE_TIMEOUT_S, ge=0, le=MAX_WAIT_S),
+        principal: Principal = Depends(require("delete")),
     ) -> JSONResponse:
         document_id = _validated_document_id(document_id)
-        current = await ctx.read_record(document_id)
+        current = visible(principal, await ctx.read_record(document_id))
         if current is None or current.state == "deleted":
             # Never seen (or already gone): a tombstone would only grow the records.
             raise HTTPException(404, f"document {document_id!r} not found")
@@ -395,11 +426,14 @@ def _documents_router(ctx: ApiContext) -> APIRouter:
         return JSONResponse(status_code=200 if applied else 202, content=body.model_dump(mode="json"))
 
     @router.get("/stats", response_model=StatsResponse)
-    async def stats() -> StatsResponse:
+    async def stats(principal: Principal = Depends(require("read"))) -> StatsResponse:
         raw: dict[str, Any] = await ctx.call_store("stats")
+        total = raw.get("total_vectors")
+        if principal.tenant is not None:
+            total = await ctx.call_store("count_pages", filter={"tenant": principal.tenant})
         return StatsResponse(
             collection_name=raw.get("collection_name") or ctx.settings.qdrant.collection,
-            total_vectors=int(raw.get("total_vectors") or 0),
+            total_vectors=int(total or 0),
             vector_dimension=raw.get("vector_dimension"),
             distance_metric=str(raw.get("distance_metric") or "COSINE"),
             backend=raw.get("backend"),
@@ -429,7 +463,7 @@ async def _spool_upload(upload: UploadFile, max_bytes: int, directory: Path | No
     return path
 
 
-def _ingest_router(ctx: ApiContext) -> APIRouter:
+def _ingest_router(ctx: ApiContext, require: Require) -> APIRouter:
     router = APIRouter(tags=["ingest"], responses=_ERRORS)
     limits = ctx.settings.limits
 
@@ -439,8 +473,18 @@ def _ingest_router(ctx: ApiContext) -> APIRouter:
         document_id: str | None,
         wait: bool,
         timeout_s: float,
+        principal: Principal,
+        metadata_field: str | None,
     ) -> JSONResponse:
         document_id = _validated_document_id(document_id) if document_id else str(uuid.uuid4())
+        metadata = tenant_metadata(principal, parse_metadata_field(metadata_field))
+        if principal.tenant is not None:
+            existing = await ctx.read_record(document_id)
+            if existing is not None and existing.state != "deleted" and visible(principal, existing) is None:
+                # Never replace another tenant's document.
+                raise HTTPException(
+                    409, f"document_id {document_id!r} is not available to this API key; choose another"
+                )
         fallback = "upload.pdf" if kind == "pdf" else "upload.img"
         filename = clean_filename(upload.filename, fallback)
 
@@ -463,7 +507,11 @@ def _ingest_router(ctx: ApiContext) -> APIRouter:
 
         try:
             event = UploadEvent(
-                document_id=document_id, blob_uri=blob_uri, filename=filename, content_type=content_type
+                document_id=document_id,
+                blob_uri=blob_uri,
+                filename=filename,
+                content_type=content_type,
+                metadata=metadata,
             )
         except ValidationError as exc:
             raise HTTPException(422, str(exc)) from exc
@@ -501,25 +549,36 @@ def _ingest_router(ctx: ApiContext) -> APIRouter:
     wait_query = Query(True, description="Wait until the pipeline has indexed (or failed) the document.")
     timeout_query = Query(DEFAULT_INGEST_TIMEOUT_S, ge=0, le=MAX_WAIT_S)
     document_id_form = Form(None, description="Stable id; a UUID4 is generated when absent.")
+    metadata_form = Form(
+        None,
+        description=(
+            'A JSON object stored with every page, e.g. {"tenant": "acme", "year": 2026}; values are strings, '
+            "numbers, booleans or lists of strings. A tenant-bound key sets metadata.tenant itself."
+        ),
+    )
     ingest_responses: dict[int | str, dict[str, Any]] = {202: {"model": AcceptedResponse}}
 
     @router.post("/ingest/pdf", response_model=IngestResponse, responses=ingest_responses)
     async def ingest_pdf(
         file: UploadFile = File(..., description="A PDF file."),
         document_id: str | None = document_id_form,
+        metadata: str | None = metadata_form,
         wait: bool = wait_query,
         timeout_s: float = timeout_query,
+        principal: Principal = Depends(require("write")),
     ) -> JSONResponse:
-        return await ingest("pdf", file, document_id, wait, timeout_s)
+        return await ingest("pdf", file, document_id, wait, timeout_s, principal, metadata)
 
     @router.post("/ingest/image", response_model=IngestResponse, responses=ingest_responses)
     async def ingest_image(
         file: UploadFile = File(..., description="PNG, JPEG, BMP, TIFF, WEBP or GIF."),
         document_id: str | None = document_id_form,
+        metadata: str | None = metadata_form,
         wait: bool = wait_query,
         timeout_s: float = timeout_query,
+        principal: Principal = Depends(require("write")),
     ) -> JSONResponse:
-        return await ingest("image", file, document_id, wait, timeout_s)
+        return await ingest("image", file, document_id, wait, timeout_s, principal, metadata)
 
     return router
 
@@ -553,8 +612,8 @@ def _real_token_rows(vectors: np.ndarray) -> np.ndarray:
     return array[np.isfinite(array).all(axis=1)]
 
 
-def _embedding_router(ctx: ApiContext) -> APIRouter:
-    router = APIRouter(tags=["embeddings"], responses=_ERRORS)
+def _embedding_router(ctx: ApiContext, require: Require) -> APIRouter:
+    router = APIRouter(tags=["embeddings"], responses=_ERRORS, dependencies=[Depends(require("read"))])
     limits = ctx.settings.limits
 
     async def embed_images(images: list[Any]) -> tuple[EmbedderLike, list[np.ndarray]]:
@@ -565,10 +624,19 @@ def _embedding_router(ctx: ApiContext) -> APIRouter:
     def decode(data: str, what: str) -> Any:
         return decode_base64_image(data, max_bytes=limits.max_blob_bytes, max_pixels=limits.max_image_pixels, what=what)
 
-    @router.post("/embed", response_model=EmbedResponse)
-    async def embed(request: EmbedRequest) -> EmbedResponse:
+    @router.post("/embed", response_model=EmbedResponse | PooledEmbedResponse)
+    async def embed(
+        request: EmbedRequest,
+        pooled: bool = Query(False, description="Return the mean of the token vectors: one flat vector (seed shape)."),
+    ) -> EmbedResponse | PooledEmbedResponse:
         image = await run_in_threadpool(decode, request.image, "image")
         model, (vectors,) = await embed_images([image])
+        if pooled:
+            dim = int(vectors.shape[1]) if vectors.size else model.dim
+            mean = vectors.mean(axis=0) if vectors.shape[0] else np.zeros(dim, dtype=np.float32)
+            return PooledEmbedResponse(
+                embedding=mean.tolist(), dim=dim, num_tokens=int(vectors.shape[0]), model=model_label(model)
+            )
         return EmbedResponse(
             embedding=vectors.tolist(),
             dim=int(vectors.shape[1]) if vectors.size else model.dim,
@@ -606,31 +674,5 @@ def _embedding_router(ctx: ApiContext) -> APIRouter:
             num_tokens=int(vectors.shape[0]),
             model=model_label(model),
         )
-
-    @router.post("/search", response_model=SearchResponse, tags=["search"])
-    async def search(request: SearchRequest) -> SearchResponse:
-        if request.document_id is not None:
-            _validated_document_id(request.document_id)
-        model, vectors = await embed_query(request.query)
-        try:
-            store = await run_in_threadpool(ctx.store.get)
-            results = await run_in_threadpool(store.search, vectors, request.limit, request.document_id)
-        except ValueError as exc:
-            # InvalidVectorsError: the collection was built by another model (dim mismatch).
-            raise HTTPException(409, f"cannot search with {model_label(model)}: {exc}") from exc
-        except Exception as exc:
-            log.exception("search failed")
-            raise HTTPException(503, f"vector store unavailable: {type(exc).__name__}: {exc}") from exc
-        hits = [
-            SearchHit(
-                score=float(score),
-                document_id=payload.get("document_id"),
-                page_number=payload.get("page_number"),
-                model=payload.get("model"),
-                payload=payload,
-            )
-            for score, payload in results
-        ]
-        return SearchResponse(query=request.query, hits=hits, model=model_label(model))
 
     return router

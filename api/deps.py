@@ -16,6 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 from PIL import Image
 
+from colstream.infra.vectorstore import PayloadFilter
 from colstream.schemas.events import DocumentRecord, UploadEvent
 
 T = TypeVar("T")
@@ -43,10 +44,15 @@ class RecordStoreLike(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
-    def count_pages(self, document_id: str | None = None) -> int: ...
+    def count_pages(self, document_id: str | None = None, filter: PayloadFilter | None = None) -> int: ...
 
     def search(
-        self, query: np.ndarray, limit: int = 10, document_id: str | None = None
+        self,
+        query: np.ndarray,
+        limit: int = 10,
+        document_id: str | None = None,
+        prefetch: bool = True,
+        filter: PayloadFilter | None = None,
     ) -> list[tuple[float, dict[str, Any]]]: ...
 
 

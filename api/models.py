@@ -9,9 +9,11 @@ page accounting) comes as extra fields so old clients keep working.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from colstream.schemas.ids import DocumentId
 
 DocumentState = Literal["indexing", "complete", "partial", "failed", "deleted"]
 
@@ -27,6 +29,7 @@ class HealthResponse(BaseModel):
     kafka_connected: bool
     qdrant_connected: bool
     model_loaded: bool
+    gpu_available: bool = Field(description="Whether a CUDA device is visible to this process.")
     device: str | None = Field(description="Where the model runs (or would run: it loads on first use).")
     model: str | None = None
     stages: dict[str, Any] | None = Field(
@@ -57,6 +60,8 @@ class DocumentDetail(BaseModel):
     indexed_pages: list[int]
     failed_pages: list[int]
     embedding_dimension: int | None = None
+    tokens_per_page: int | None = None
+    metadata: dict[str, Any] | None = None
     error: str | None = None
     updated_at: datetime
 
@@ -69,7 +74,7 @@ class IngestResponse(BaseModel):
     total_pages: int
     embedding_dimension: int | None
     tokens_per_page: int | None = Field(
-        default=None, description="Not tracked by the pipeline (pages vary); null unless known."
+        default=None, description="Most token vectors of any indexed page; null until a page is indexed."
     )
     message: str
     state: DocumentState
@@ -106,14 +111,20 @@ class StatsResponse(BaseModel):
 
 
 class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     image: str = Field(description="Base64-encoded image (a data: URL prefix is accepted).")
 
 
 class EmbedBatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     images: list[str] = Field(min_length=1, max_length=MAX_EMBED_BATCH)
 
 
 class EmbedQueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     text: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
 
 
@@ -121,6 +132,15 @@ class EmbedResponse(BaseModel):
     embedding: list[list[float]] = Field(description="Multivector: one row per real token (no padding).")
     dim: int
     num_tokens: int
+    model: str
+
+
+class PooledEmbedResponse(BaseModel):
+    """``?pooled=true``: the seed's flat vector, the mean of the token vectors."""
+
+    embedding: list[float]
+    dim: int
+    num_tokens: int = Field(description="How many token vectors the mean was taken over.")
     model: str
 
 
@@ -132,25 +152,63 @@ class EmbedBatchResponse(BaseModel):
     model: str
 
 
+FilterScalar = Annotated[str, Field(max_length=1024)] | int | float | bool
+FilterValue = FilterScalar | Annotated[list[FilterScalar], Field(max_length=100)]
+
+
 class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    limit: int = Field(default=5, ge=1, le=MAX_SEARCH_LIMIT)
-    document_id: str | None = None
+    top_k: int = Field(default=5, ge=1, le=MAX_SEARCH_LIMIT, description="How many pages to return.")
+    limit: int | None = Field(
+        default=None, ge=1, le=MAX_SEARCH_LIMIT, deprecated=True, description="The former name of top_k."
+    )
+    filter: dict[str, FilterValue] | None = Field(
+        default=None,
+        max_length=16,
+        description=(
+            "Pages whose payload matches every key: `document_id` or a metadata key listed in "
+            "COLSTREAM_QDRANT__INDEXED_METADATA, each equal to a value or to any of a list of values. "
+            "Any other key is a 400 that names it."
+        ),
+        examples=[{"tenant": "acme", "document_id": ["inv-1", "inv-2"]}],
+    )
+    document_id: DocumentId | None = Field(
+        default=None, deprecated=True, description='Shorthand for {"filter": {"document_id": ...}}.'
+    )
+
+    @model_validator(mode="after")
+    def _limit_is_top_k(self) -> SearchRequest:
+        if self.limit is not None:
+            if "top_k" in self.model_fields_set and self.top_k != self.limit:
+                raise ValueError(f"top_k ({self.top_k}) and its alias limit ({self.limit}) disagree; send one")
+            self.top_k = self.limit
+        return self
 
 
-class SearchHit(BaseModel):
+class SearchResult(BaseModel):
+    document_id: str
+    page_number: int
     score: float
-    document_id: str | None
-    page_number: int | None
+    metadata: dict[str, Any] = Field(description="The upload's metadata, as stored with every page.")
     model: str | None = Field(default=None, description="The model of the index this page came from.")
-    payload: dict[str, Any]
 
 
 class SearchResponse(BaseModel):
+    results: list[SearchResult]
     query: str
-    hits: list[SearchHit]
-    model: str
+    model: str = Field(description="The model that embedded the query.")
+
+
+class FieldError(BaseModel):
+    loc: list[str | int] = Field(description="Where: body, query, path or header, then the field.")
+    msg: str
+    type: str
 
 
 class ErrorResponse(BaseModel):
-    detail: str
+    """Every 4xx and 5xx body: a message a person can act on."""
+
+    detail: str = Field(description="What went wrong and what to do about it.")
+    errors: list[FieldError] | None = Field(default=None, description="For a 422: each invalid field.")

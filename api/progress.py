@@ -65,6 +65,8 @@ def detail(record: DocumentRecord) -> DocumentDetail:
         indexed_pages=sorted(record.indexed_pages),
         failed_pages=sorted(record.failed_pages),
         embedding_dimension=record.embedding_dimension,
+        tokens_per_page=record.tokens_per_page,
+        metadata=record.metadata,
         error=record.error,
         updated_at=record.updated_at,
     )
@@ -107,7 +109,7 @@ def ingest_outcome(
         filename=record.filename or filename,
         total_pages=record.total_pages,
         embedding_dimension=record.embedding_dimension,
-        tokens_per_page=None,
+        tokens_per_page=record.tokens_per_page,
         message=message,
         state=record.state,
         version=record.version,

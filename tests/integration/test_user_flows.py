@@ -337,8 +337,10 @@ def test_the_original_rest_surface_works_over_the_pipeline(pipeline_settings: Co
         batch = httpx.post(f"{api}/embed_batch", json={"images": [base64.b64encode(make_image("PNG")).decode()] * 2},
                            timeout=120).json()
         assert batch["count"] == 2
-        hits = httpx.post(f"{api}/search", json={"query": "memo", "limit": 2}, timeout=120).json()
-        assert len(hits["hits"]) == 2 and {h["payload"]["document_id"] for h in hits["hits"]} <= listed
+        found = httpx.post(f"{api}/search", json={"query": "memo", "limit": 2}, timeout=120).json()
+        assert len(found["results"]) == 2 and {r["document_id"] for r in found["results"]} <= listed
+        assert all(r["model"] and r["page_number"] >= 1 and r["metadata"] == {} for r in found["results"])
+        assert health["gpu_available"] in (True, False) and pdf.json()["tokens_per_page"] > 0
 
         gone = httpx.delete(f"{api}/document/memo", params={"wait": "true"}, timeout=90)
         assert gone.status_code == 200 and "deleted" in gone.json()["message"]

@@ -54,7 +54,8 @@ class FakeStore:
         self.records: dict[str, DocumentRecord] = {}
         self.pages = 0
         self.fail: Exception | None = None
-        self.search_calls: list[tuple[np.ndarray, int, str | None]] = []
+        self.search_calls: list[tuple[np.ndarray, int, str | None, Any]] = []
+        self.count_calls: list[Any] = []
         self.search_results: list[tuple[float, dict[str, Any]]] = []
         self.lock = threading.Lock()
 
@@ -86,15 +87,21 @@ class FakeStore:
             "backend": "fake",
         }
 
-    def count_pages(self, document_id: str | None = None) -> int:
+    def count_pages(self, document_id: str | None = None, filter: Any = None) -> int:
         self._check()
+        self.count_calls.append(filter)
         return self.pages
 
     def search(
-        self, query: np.ndarray, limit: int = 10, document_id: str | None = None
+        self,
+        query: np.ndarray,
+        limit: int = 10,
+        document_id: str | None = None,
+        prefetch: bool = True,
+        filter: Any = None,
     ) -> list[tuple[float, dict[str, Any]]]:
         self._check()
-        self.search_calls.append((query, limit, document_id))
+        self.search_calls.append((query, limit, document_id, filter))
         return self.search_results[:limit]
 
 
@@ -210,6 +217,7 @@ def api(tmp_path: Path) -> Iterator[Api]:
         model_loader=loader,
         stage_stats=lambda: {"sink": {"processed": 7}},
         poll_interval_s=0.02,
+        gpu_probe=lambda: False,
     )
     with TestClient(app) as client:
         yield Api(client, store, publisher, model, settings, loads)
@@ -228,6 +236,7 @@ def test_health_reports_dependencies_and_stage_stats(api: Api) -> None:
     assert body["kafka_connected"] is True
     assert body["qdrant_connected"] is True
     assert body["model_loaded"] is False
+    assert body["gpu_available"] is False
     assert body["stages"] == {"sink": {"processed": 7}}
     assert api.loads == []  # health never loads the model
 
@@ -366,6 +375,7 @@ def test_ingest_pdf_waits_for_the_published_version_to_settle(api: Api) -> None:
                 filename=event.filename,
                 total_pages=10,
                 indexed_pages=list(range(1, 11)),
+                tokens_per_page=731,
             ),
             0.2,
         )
@@ -381,7 +391,7 @@ def test_ingest_pdf_waits_for_the_published_version_to_settle(api: Api) -> None:
         "filename": "inv.pdf",
         "total_pages": 10,
         "embedding_dimension": 128,
-        "tokens_per_page": None,
+        "tokens_per_page": 731,
         "message": "Successfully ingested PDF with 10 pages",
         "state": "complete",
         "version": 10,
@@ -542,18 +552,36 @@ def test_embed_query(api: Api) -> None:
     assert (body["num_tokens"], body["dim"]) == (4, 128)
 
 
-def test_search_embeds_query_and_returns_hits(api: Api) -> None:
-    payload = {"document_id": "inv-42", "page_number": 2, "version": 10, "filename": "inv.pdf", "model": "m"}
+def test_search_embeds_query_and_returns_results(api: Api) -> None:
+    payload = {"document_id": "inv-42", "page_number": 2, "version": 10, "filename": "inv.pdf", "model": "m",
+               "metadata": {"tenant": "acme"}}
     api.store.search_results = [(0.91, payload), (0.5, {**payload, "page_number": 1})]
     response = api.client.post("/search", json={"query": "invoice total", "limit": 1, "document_id": "inv-42"})
     assert response.status_code == 200
     body = response.json()
-    assert body["hits"] == [
-        {"score": 0.91, "document_id": "inv-42", "page_number": 2, "model": "m", "payload": payload}
+    assert body["results"] == [
+        {"score": 0.91, "document_id": "inv-42", "page_number": 2, "model": "m", "metadata": {"tenant": "acme"}}
     ]
-    ((query, limit, document_id),) = api.store.search_calls
-    assert (query.shape, limit, document_id) == ((2, 128), 1, "inv-42")
+    ((query, limit, document_id, filter_),) = api.store.search_calls
+    assert (query.shape, limit, document_id, filter_) == ((2, 128), 1, "inv-42", None)
     assert np.isfinite(query).all()
+
+
+def test_search_takes_top_k_and_a_filter_and_refuses_unknown_keys(api: Api) -> None:
+    response = api.client.post("/search", json={"query": "q", "top_k": 3, "filter": {"tenant": ["a", "b"]}})
+    assert response.status_code == 200, response.text
+    ((_, limit, _, filter_),) = api.store.search_calls
+    assert (limit, filter_) == (3, {"tenant": ["a", "b"]})
+    unknown = api.client.post("/search", json={"query": "q", "filter": {"colour": "red"}})
+    assert unknown.status_code == 400
+    assert "'colour'" in unknown.json()["detail"]
+    assert api.model.calls == ["queries"]  # refused before the model ran
+    extra = api.client.post("/search", json={"query": "q", "k": 3})
+    assert extra.status_code == 422
+    assert extra.json()["errors"][0]["loc"] == ["body", "k"]
+    disagree = api.client.post("/search", json={"query": "q", "top_k": 3, "limit": 4})
+    assert disagree.status_code == 422 and "disagree" in disagree.json()["detail"]
+    assert api.client.post("/search", json={"query": "q", "top_k": 101}).status_code == 422
 
 
 def test_openapi_lists_every_route(api: Api) -> None:
