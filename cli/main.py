@@ -2,135 +2,220 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import signal
 import subprocess
-import sys
-import threading
 import time
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
+
+from colstream import __version__
 from colstream.app import (
     PIPELINE_STAGES,
-    build_stage,
     load_settings,
     local_kafka,
     resolve_broker,
+    run_all,
+    run_stage,
     serve_api,
-    serve_api_in_thread,
-    start_pipeline,
     with_tiny_model,
 )
+from colstream.cli.common import connect, err_console, fail, setup_logging, spinner
 from colstream.infra.settings import ColstreamSettings
 
 log = logging.getLogger("colstream")
 
+app = typer.Typer(
+    name="colstream",
+    help="Documents in, ColPali-family multivectors in Qdrant, through Kafka: a local broker, topics, "
+         "publishing, the stages, read models and operator tools.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"colstream {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True,
+                                         help="more log output: -v colstream DEBUG and libraries INFO, -vv all DEBUG")]
+    = 0,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    setup_logging(verbosity=verbose)
+
 
 # -- kafka -------------------------------------------------------------------------
-def cmd_kafka(args: argparse.Namespace) -> int:
-    from colstream.infra.local_kafka import tool_command
+kafka_app = typer.Typer(help="the local Apache Kafka broker (KRaft) for development", no_args_is_help=True)
+app.add_typer(kafka_app, name="kafka")
 
+
+@kafka_app.command("start")
+def kafka_start() -> None:
+    """Start the local broker (downloads the Kafka jars once) and write console tool scripts."""
     settings = load_settings()
+    if settings.kafka.bootstrap_servers:
+        print(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka.bootstrap_servers} is set; not starting a local broker")
+        return
     broker = local_kafka(settings)
-    if args.action == "start":
-        if settings.kafka.bootstrap_servers:
-            print(f"KAFKA_BOOTSTRAP_SERVERS={settings.kafka.bootstrap_servers} is set; not starting a local broker")
-            return 0
-        t0 = time.monotonic()
+    t0 = time.monotonic()
+    with spinner("starting the local Kafka broker (the first start fetches its jars)"):
         servers = broker.start()
         bin_dir = broker.write_tool_scripts()
-        print(f"Kafka {broker.status()['kafka_version']} (KRaft) answering on {servers} "
-              f"after {time.monotonic() - t0:.1f}s; console tools in {bin_dir}")
-    elif args.action == "stop":
-        print("stopped" if broker.stop() else "not running (no pid file)")
-    elif args.action == "status":
-        print(json.dumps(broker.status(), indent=2))
-    elif args.action == "tool":
-        if not args.tool_args:
-            print("usage: colstream kafka tool kafka-console-producer --bootstrap-server ... --topic ...")
-            return 2
-        cmd = tool_command(args.tool_args[0], args.tool_args[1:])
-        return subprocess.call(cmd)
-    return 0
+    print(f"Kafka {broker.status()['kafka_version']} (KRaft) answering on {servers} "
+          f"after {time.monotonic() - t0:.1f}s; console tools in {bin_dir}")
 
 
-def cmd_topics(args: argparse.Namespace) -> int:
+@kafka_app.command("stop")
+def kafka_stop() -> None:
+    """Stop the local broker started by `colstream kafka start`."""
+    print("stopped" if local_kafka(load_settings()).stop() else "not running (no pid file)")
+
+
+@kafka_app.command("status")
+def kafka_status() -> None:
+    """Print the local broker's state as JSON (running, pid, port, version)."""
+    print(json.dumps(local_kafka(load_settings()).status(), indent=2))
+
+
+@kafka_app.command(
+    "tool",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def kafka_tool(
+    ctx: typer.Context,
+    tool: Annotated[str | None, typer.Argument(
+        help="kafka-console-producer|kafka-console-consumer|kafka-consumer-groups|kafka-topics|...; "
+             "every further argument goes to the tool")] = None,
+) -> None:
+    """Run one of Kafka's console tools with the local broker's jars; arguments pass through."""
+    from colstream.infra.local_kafka import tool_command
+
+    if tool in (None, "-h", "--help"):
+        print("usage: colstream kafka tool TOOL [ARGS...]\n\n"
+              "Runs one of Kafka's console tools from the local broker's jars, e.g.\n"
+              "  colstream kafka tool kafka-console-producer --bootstrap-server 127.0.0.1:9092 --topic uploads\n"
+              "  colstream kafka tool kafka-consumer-groups --bootstrap-server 127.0.0.1:9092 --list\n"
+              "Every argument after TOOL goes to the tool (`... TOOL --help` shows the tool's own help).")
+        raise typer.Exit(0 if tool else 2)
+    raise typer.Exit(subprocess.call(tool_command(tool, list(ctx.args))))
+
+
+# -- topics ------------------------------------------------------------------------
+class TopicsAction(StrEnum):
+    create = "create"
+
+
+@app.command("topics")
+def topics(
+    action: Annotated[TopicsAction, typer.Argument(help="create: create the pipeline's topics (idempotent)")],
+    start_broker: Annotated[bool, typer.Option("--start-broker", help="start the local broker if none answers")]
+    = False,
+) -> None:
+    """Create the pipeline's topics with their configs (idempotent)."""
     from colstream.infra.kafka import ensure_topics
 
-    settings = resolve_broker(load_settings(), start=args.start_broker)
+    settings = connect(start=start_broker)
     for name, outcome in ensure_topics(settings).items():
         print(f"{name}: {outcome}")
-    return 0
 
 
 # -- publish -----------------------------------------------------------------------
-def cmd_publish(args: argparse.Namespace) -> int:
-    from colstream.producers.publisher import UploadPublisher
-    from colstream.schemas import UploadEvent
+publish_app = typer.Typer(help="publish an upload event or a delete (tombstone)", no_args_is_help=True)
+app.add_typer(publish_app, name="publish")
 
-    settings = resolve_broker(load_settings(), start=False)
-    publisher = UploadPublisher(settings)
+
+@publish_app.command("upload")
+def publish_upload(
+    path_or_uri: Annotated[str, typer.Argument(
+        help="a file, a folder (every matching file, recursively), or a blob URI (az://, https://, file://)")],
+    document_id: Annotated[str | None, typer.Option(
+        "--document-id", help="document id; for a folder, a prefix joined to each file's relative path")] = None,
+    metadata: Annotated[str | None, typer.Option("--metadata", help="JSON object stored with the document")] = None,
+    filename: Annotated[str | None, typer.Option("--filename", help="filename recorded for a blob URI")] = None,
+    content_type: Annotated[str | None, typer.Option("--content-type", help="MIME type, when not sniffed")] = None,
+    glob: Annotated[str, typer.Option("--glob", help="for a folder: which files, matched recursively")] = "*",
+) -> None:
+    """Publish an upload: a local file or folder (copied to blob storage first) or a blob URI."""
+    from colstream.cli.publish import publish_upload as run_upload
+
     try:
-        if args.action == "delete":
-            published = publisher.publish_delete(args.document_id)
-        else:
-            metadata = json.loads(args.metadata) if args.metadata else None
-            target = args.path_or_uri
-            if "://" in target:
-                event = UploadEvent(document_id=args.document_id, blob_uri=target, filename=args.filename,
-                                    content_type=args.content_type, metadata=metadata)
-                published = publisher.publish_upload(event)
-            else:
-                path = Path(target)
-                if not path.is_file():
-                    print(f"error: {path} is not a file", file=sys.stderr)
-                    return 2
-                published = publisher.publish_file(path, args.document_id, metadata=metadata,
-                                                   content_type=args.content_type)
-        print(published.describe())
+        meta = json.loads(metadata) if metadata else None
+    except ValueError as exc:
+        fail(f"--metadata is not JSON: {exc}", code=2)
+    if meta is not None and not isinstance(meta, dict):
+        fail("--metadata must be a JSON object", code=2)
+    raise typer.Exit(run_upload(path_or_uri, document_id=document_id, metadata=meta, filename=filename,
+                                content_type=content_type, glob=glob))
+
+
+@publish_app.command("delete")
+def publish_delete(document_id: Annotated[str, typer.Argument(help="the document to remove (a tombstone)")]) -> None:
+    """Publish a tombstone: the pipeline removes the document from the index."""
+    from colstream.producers.publisher import UploadPublisher
+
+    publisher = UploadPublisher(connect())
+    try:
+        print(publisher.publish_delete(document_id).describe())
     finally:
         publisher.close()
-    return 0
 
 
 # -- stages ------------------------------------------------------------------------
-def cmd_run(args: argparse.Namespace) -> int:
+run_app = typer.Typer(help="run a stage, the API, or everything in one process", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+
+TinyModel = Annotated[bool, typer.Option("--tiny-model",
+                                         help="use a locally built tiny checkpoint with RANDOM WEIGHTS (offline)")]
+NoApi = Annotated[bool, typer.Option("--no-api", help="with `all`: do not serve the HTTP API")]
+
+
+def _stage_settings(tiny_model: bool) -> ColstreamSettings:
     settings = load_settings()
-    if args.tiny_model:
-        settings = with_tiny_model(settings)
-    if args.stage == "all":
-        return run_all(settings, with_api=not args.no_api)
-    settings = resolve_broker(settings, start=False)
-    if args.stage == "api":
-        serve_api(settings)
-        return 0
-    runner = build_stage(args.stage, settings)
-    runner.install_signal_handlers()
-    runner.run()
-    return 0
+    return with_tiny_model(settings) if tiny_model else settings
 
 
-def run_all(settings: ColstreamSettings, with_api: bool = True) -> int:
-    pipeline = start_pipeline(settings)
-    settings = pipeline.settings
-    if with_api:
-        server = serve_api_in_thread(settings, store=pipeline.store, stage_stats=pipeline.stages.stats)
-        pipeline.on_stop.append(lambda: setattr(server, "should_exit", True))
-        print(f"colstream: pipeline running; API on http://{settings.api.host}:{settings.api.port} "
-              "(GET /health, GET /documents). Ctrl-C to stop.", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.is_set():
-        stop.wait(1.0)
-        if pipeline.stages.failures:
-            break
-    pipeline.stop()
-    return 1 if pipeline.stages.failures else 0
+def _register_stage(name: str) -> None:
+    def command(tiny_model: TinyModel = False) -> None:
+        settings = _stage_settings(tiny_model)
+        setup_logging(settings, stage=name)
+        raise typer.Exit(run_stage(name, resolve_broker(settings, start=False)))  # type: ignore[arg-type]
+
+    command.__doc__ = (f"Run the {name} stage alone; serves /metrics, /livez and /readyz on "
+                       "COLSTREAM_METRICS__PORT (9400).")
+    run_app.command(name)(command)
+
+
+for _stage in PIPELINE_STAGES:
+    _register_stage(_stage)
+
+
+@run_app.command("api")
+def run_api(tiny_model: TinyModel = False) -> None:
+    """Serve the REST API (with /metrics) on COLSTREAM_API__PORT."""
+    settings = resolve_broker(_stage_settings(tiny_model), start=False)
+    setup_logging(settings, stage="api")
+    serve_api(settings)
+
+
+@run_app.command("all")
+def run_everything(tiny_model: TinyModel = False, no_api: NoApi = False) -> None:
+    """Every stage in one process over one embedded store, plus the API (starts a local broker if needed)."""
+    settings = _stage_settings(tiny_model)
+    setup_logging(settings)
+    raise typer.Exit(run_all(settings, with_api=not no_api))
 
 
 # -- read models ---------------------------------------------------------------------
@@ -185,77 +270,68 @@ def print_documents(rows: list[dict[str, Any]], as_json: bool) -> None:
     print(f"{len(rows)} documents")
 
 
-def cmd_documents(args: argparse.Namespace) -> int:
-    print_documents(list_documents(load_settings()), args.json)
-    return 0
+AsJson = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+
+
+@app.command("documents")
+def documents(as_json: AsJson = False) -> None:
+    """List indexed documents (from the running API, else from the store)."""
+    print_documents(list_documents(load_settings()), as_json)
 
 
 # -- models ------------------------------------------------------------------------
-def cmd_models(args: argparse.Namespace) -> int:
+class ModelsAction(StrEnum):
+    build_tiny = "build-tiny"
+
+
+class Family(StrEnum):
+    colqwen2 = "colqwen2"
+    colpali = "colpali"
+
+
+@app.command("models")
+def models(
+    action: Annotated[ModelsAction, typer.Argument(help="build-tiny: a tiny checkpoint with RANDOM WEIGHTS")],
+    out: Annotated[Path, typer.Option("--out", help="folder to write the checkpoint to")],
+    family: Annotated[Family, typer.Option("--family", help="model family")] = Family.colqwen2,
+) -> None:
+    """Build tiny random-weight checkpoints for offline use."""
     from colstream.embedding.tiny import build_tiny_checkpoint
 
-    out = build_tiny_checkpoint(args.family, Path(args.out))
-    print(f"built a tiny {args.family} checkpoint with RANDOM WEIGHTS at {out}")
-    return 0
+    path = build_tiny_checkpoint(family.value, out)
+    print(f"built a tiny {family.value} checkpoint with RANDOM WEIGHTS at {path}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="colstream", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _register_modules() -> None:
+    from colstream.cli import demo, doctor, ops
 
-    kafka = sub.add_parser("kafka", help="the local Apache Kafka broker (KRaft) for development")
-    kafka.add_argument("action", choices=["start", "stop", "status", "tool"])
-    kafka.add_argument("tool_args", nargs=argparse.REMAINDER,
-                       help="for `tool`: kafka-console-producer|kafka-console-consumer|kafka-consumer-groups|...")
-    kafka.set_defaults(func=cmd_kafka)
+    demo.register(app)
+    ops.register(app)
+    doctor.register(app)
 
-    topics = sub.add_parser("topics", help="create the pipeline's topics (idempotent)")
-    topics.add_argument("action", choices=["create"])
-    topics.add_argument("--start-broker", action="store_true", help="start the local broker if none answers")
-    topics.set_defaults(func=cmd_topics)
 
-    publish = sub.add_parser("publish", help="publish an upload event or a delete (tombstone)")
-    pub_sub = publish.add_subparsers(dest="action", required=True)
-    up = pub_sub.add_parser("upload")
-    up.add_argument("--document-id", required=True)
-    up.add_argument("--metadata", help="JSON object stored with the document")
-    up.add_argument("--filename")
-    up.add_argument("--content-type")
-    up.add_argument("path_or_uri")
-    de = pub_sub.add_parser("delete")
-    de.add_argument("document_id")
-    publish.set_defaults(func=cmd_publish)
-
-    run = sub.add_parser("run", help="run a stage, the API, or everything in one process")
-    run.add_argument("stage", choices=[*PIPELINE_STAGES, "api", "all"])
-    run.add_argument("--tiny-model", action="store_true",
-                     help="use a locally built tiny checkpoint with RANDOM WEIGHTS (offline)")
-    run.add_argument("--no-api", action="store_true", help="with `all`: do not serve the HTTP API")
-    run.set_defaults(func=cmd_run)
-
-    docs = sub.add_parser("documents", help="list indexed documents")
-    docs.add_argument("--json", action="store_true")
-    docs.set_defaults(func=cmd_documents)
-
-    models = sub.add_parser("models", help="build tiny random-weight checkpoints for offline use")
-    models.add_argument("action", choices=["build-tiny"])
-    models.add_argument("--family", choices=["colqwen2", "colpali"], default="colqwen2")
-    models.add_argument("--out", required=True)
-    models.set_defaults(func=cmd_models)
-
-    from colstream.cli import demo, ops
-
-    demo.register(sub)
-    ops.register(sub)
-    return parser
+_register_modules()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else getattr(logging, os.environ.get("COLSTREAM_LOG_LEVEL", "INFO")),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    return int(args.func(args) or 0)
+    """Run the CLI; returns the exit status (``--help`` and usage errors included) instead of
+    exiting. Broker and settings failures end as one line on stderr, never a traceback."""
+    from confluent_kafka import KafkaException
+
+    from colstream.infra.kafka_check import BrokerProblem, explain
+
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="colstream", standalone_mode=True)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            err_console.print(f"[bold red]error:[/bold red] {exc.code}")
+            return 1
+        return int(exc.code or 0)
+    except BrokerProblem as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}")
+        return 1
+    except KafkaException as exc:
+        err_console.print(f"[bold red]error:[/bold red] {explain(load_settings(), exc.args[0])}")
+        return 1
+    return 0

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import uuid
 from datetime import datetime
-from typing import Any
+from enum import StrEnum
+from typing import Annotated
 
+import typer
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from colstream.app import load_settings, resolve_broker
-from colstream.infra.dead_letters import dead_letters
+from colstream.cli.common import connect, fail, spinner
+from colstream.infra.dead_letters import Selection, dead_letters
 from colstream.infra.dead_letters import redrive as redrive_letters
 from colstream.infra.settings import ColstreamSettings
 from colstream.schemas import DeadLetter
@@ -20,61 +21,72 @@ from colstream.schemas import DeadLetter
 STAGE_INPUT = {"splitter": "uploads", "embedder": "pages", "sink": "vectors"}
 
 
-def register(sub: Any) -> None:
-    dlq = sub.add_parser("dlq", help="dead letters: list them, redrive them once the cause is fixed")
-    dlq_sub = dlq.add_subparsers(dest="action", required=True)
-    ls = dlq_sub.add_parser("list")
-    ls.add_argument("--json", action="store_true")
-    _add_selectors(ls)
-    rd = dlq_sub.add_parser("redrive", help="send chosen dead letters back to their stage's input topic")
-    _add_selectors(rd)
-    rd.add_argument("--all", action="store_true", help="every dead letter (after the filters)")
-    rd.add_argument("--dry-run", action="store_true")
-    rd.add_argument("--force", action="store_true",
-                    help="redrive even when the document already has a newer version")
-    dlq.set_defaults(func=cmd_dlq)
-
-    replay = sub.add_parser("replay", help="rewind a stage's consumer group (stop the stage first)")
-    replay.add_argument("--stage", choices=sorted(STAGE_INPUT), default="splitter")
-    when = replay.add_mutually_exclusive_group(required=True)
-    when.add_argument("--from-beginning", action="store_true")
-    when.add_argument("--from", dest="from_ts", help="ISO timestamp, e.g. 2026-11-26T09:00:00Z")
-    replay.set_defaults(func=cmd_replay)
+def register(app: typer.Typer) -> None:
+    dlq = typer.Typer(help="dead letters: list them, redrive them once the cause is fixed", no_args_is_help=True)
+    app.add_typer(dlq, name="dlq")
+    dlq.command("list")(dlq_list)
+    dlq.command("redrive")(dlq_redrive)
+    app.command("replay")(replay)
 
 
-def _add_selectors(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--offset", action="append", default=[], help="PARTITION:OFFSET of a dead letter")
-    parser.add_argument("--stage")
-    parser.add_argument("--error-type")
-    parser.add_argument("--document-id")
+Offsets = Annotated[list[str] | None, typer.Option("--offset", help="PARTITION:OFFSET of a dead letter (repeatable)")]
+StageOpt = Annotated[str | None, typer.Option("--stage", help="only dead letters of this stage")]
+ErrorType = Annotated[str | None, typer.Option("--error-type", help="only this error type, e.g. EncryptedDocument")]
+DocumentId = Annotated[str | None, typer.Option("--document-id", help="only this document's dead letters")]
 
 
-def cmd_dlq(args: argparse.Namespace) -> int:
-    settings = resolve_broker(load_settings(), start=False)
-    letters = dead_letters(settings, args)
-    if args.action == "list":
-        if args.json:
-            print(json.dumps([{"dlq_offset": w, **json.loads(letter.model_dump_json(exclude={"original_value"}))}
-                              for w, letter in letters], indent=2))
-            return 0
-        for where, letter in letters:
-            doc = letter.document_id or letter.original_key or "-"
-            page = f" page {letter.page_number}" if letter.page_number else ""
-            print(f"[{where}] {letter.failed_at:%Y-%m-%d %H:%M:%S} {letter.stage:<8} {letter.error_type:<24} "
-                  f"{doc}{page} (from {letter.source_topic}@{letter.source_partition}/{letter.source_offset})\n"
-                  f"    {letter.message}")
-        print(f"{len(letters)} dead letters")
-        return 0
-    if not (args.all or args.offset or args.stage or args.error_type or args.document_id):
+def _letters(settings: ColstreamSettings, selection: Selection) -> list[tuple[str, DeadLetter]]:
+    from colstream.infra.kafka_check import BrokerProblem, check_topic_access
+
+    try:
+        check_topic_access(settings, settings.topics.dlq, "Read")
+    except BrokerProblem as exc:
+        fail(str(exc))
+    with spinner(f"reading dead letters from {settings.topics.dlq}"):
+        return dead_letters(settings, selection)
+
+
+def dlq_list(
+    offset: Offsets = None, stage: StageOpt = None, error_type: ErrorType = None, document_id: DocumentId = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of lines")] = False,
+) -> None:
+    """List dead letters (newest last), with why each record failed."""
+    settings = connect()
+    letters = _letters(settings, Selection(tuple(offset or ()), stage, error_type, document_id))
+    if as_json:
+        print(json.dumps([{"dlq_offset": w, **json.loads(letter.model_dump_json(exclude={"original_value"}))}
+                          for w, letter in letters], indent=2))
+        return
+    for where, letter in letters:
+        doc = letter.document_id or letter.original_key or "-"
+        page = f" page {letter.page_number}" if letter.page_number else ""
+        print(f"[{where}] {letter.failed_at:%Y-%m-%d %H:%M:%S} {letter.stage:<8} {letter.error_type:<24} "
+              f"{doc}{page} (from {letter.source_topic}@{letter.source_partition}/{letter.source_offset})\n"
+              f"    {letter.message}")
+    print(f"{len(letters)} dead letters")
+
+
+def dlq_redrive(
+    offset: Offsets = None, stage: StageOpt = None, error_type: ErrorType = None, document_id: DocumentId = None,
+    all_: Annotated[bool, typer.Option("--all", help="every dead letter (after the filters)")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would be redriven; send nothing")] = False,
+    force: Annotated[bool, typer.Option("--force", help="redrive even when the document already has a newer version")]
+    = False,
+) -> None:
+    """Send chosen dead letters back to their stage's input topic."""
+    if not (all_ or offset or stage or error_type or document_id):
         print("choose dead letters with --offset/--stage/--error-type/--document-id, or pass --all")
-        return 2
-    return redrive(settings, letters, dry_run=args.dry_run, force=args.force)
+        raise typer.Exit(2)
+    settings = connect()
+    letters = _letters(settings, Selection(tuple(offset or ()), stage, error_type, document_id))
+    raise typer.Exit(redrive(settings, letters, dry_run=dry_run, force=force))
 
 
 def redrive(settings: ColstreamSettings, letters: list[tuple[str, DeadLetter]], *, dry_run: bool,
             force: bool) -> int:
     current = {} if force else _current_versions(settings, {letter.document_id for _, letter in letters})
-    outcomes = redrive_letters(settings, letters, current, dry_run=dry_run)
+    with spinner(f"{'planning' if dry_run else 'redriving'} {len(letters)} dead letters"):
+        outcomes = redrive_letters(settings, letters, current, dry_run=dry_run)
     for outcome in outcomes:
         letter = outcome.letter
         if outcome.action == "skipped":
@@ -117,18 +129,36 @@ def rewind_offsets(settings: ColstreamSettings, group: str, topic: str,
         consumer.close()
 
 
-def cmd_replay(args: argparse.Namespace) -> int:
-    settings = resolve_broker(load_settings(), start=False)
-    topic = getattr(settings.topics, STAGE_INPUT[args.stage])
-    group = f"{settings.consumer_group_prefix}{args.stage}"
+class Stage(StrEnum):
+    splitter = "splitter"
+    embedder = "embedder"
+    sink = "sink"
+
+
+def replay(
+    stage: Annotated[Stage, typer.Option("--stage", help="whose consumer group to rewind")] = Stage.splitter,
+    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="rewind to the start of the topic")]
+    = False,
+    from_ts: Annotated[str | None, typer.Option("--from", help="rewind to an ISO timestamp, e.g. 2026-11-26T09:00:00Z")]
+    = None,
+) -> None:
+    """Rewind a stage's consumer group (stop the stage first); its restart rebuilds from there."""
+    if from_beginning == (from_ts is not None):
+        fail("give exactly one of --from-beginning or --from TIMESTAMP", code=2)
+    settings = connect()
+    topic = getattr(settings.topics, STAGE_INPUT[stage.value])
+    group = f"{settings.consumer_group_prefix}{stage.value}"
     ts_ms = None
-    if args.from_ts:
-        ts_ms = int(datetime.fromisoformat(args.from_ts.replace("Z", "+00:00")).timestamp() * 1000)
-    targets = rewind_offsets(settings, group, topic, ts_ms)
-    admin = AdminClient(settings.kafka.common_config())
-    future = admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, targets)])[group]
-    future.result(timeout=30)
+    if from_ts:
+        try:
+            ts_ms = int(datetime.fromisoformat(from_ts.replace("Z", "+00:00")).timestamp() * 1000)
+        except ValueError:
+            fail(f"--from {from_ts!r} is not an ISO timestamp", code=2)
+    with spinner(f"rewinding {group} on {topic}"):
+        targets = rewind_offsets(settings, group, topic, ts_ms)
+        admin = AdminClient(settings.kafka.common_config())
+        future = admin.alter_consumer_group_offsets([ConsumerGroupTopicPartitions(group, targets)])[group]
+        future.result(timeout=30)
     for tp in targets:
         print(f"{group}: {tp.topic}[{tp.partition}] -> offset {tp.offset}")
     print("rewound; start the stage again to rebuild (writes are idempotent and latest-wins)")
-    return 0

@@ -10,16 +10,23 @@ model, which store, which stage settings":
 * :func:`build_stage` wires one stage (core + adapter + runner) from settings;
 * :func:`start_pipeline` runs every stage in threads of one process over one
   shared embedded store, as ``colstream run all`` does;
-* :func:`serve_api` serves the REST API over the same settings.
+* :func:`serve_api` serves the REST API over the same settings;
+* :func:`run_stage` and :func:`run_all` are ``colstream run <stage>`` and
+  ``colstream run all``: metrics, health and the drain bound around them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from colstream.infra.local_kafka import LocalKafka, port_open
 from colstream.infra.settings import ColstreamSettings
@@ -32,7 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("colstream")
 
-StageName = Literal["splitter", "embedder", "sink"]
+# The webhooks stage reads documents.indexed and sends signed callbacks; with no
+# endpoints configured it commits the events unsent.
+StageName = Literal["splitter", "embedder", "sink", "webhooks"]
 PIPELINE_STAGES: tuple[StageName, ...] = get_args(StageName)
 
 
@@ -89,6 +98,10 @@ def build_stage(name: StageName, settings: ColstreamSettings, store: VectorStore
         from colstream.consumers.sink.stage import build_sink
 
         return build_sink(settings, store)
+    if name == "webhooks":
+        from colstream.consumers.webhooks.stage import build_webhooks
+
+        return build_webhooks(settings)
     raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(PIPELINE_STAGES)}")
 
 
@@ -113,11 +126,18 @@ class StageThreads:
         self.threads[name] = thread
         thread.start()
 
-    def stop(self, timeout_s: float = 40.0) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Ask every stage to stop and wait for them together: each drains within its
+        ``shutdown.grace_s``, so the wait is bounded by the largest grace plus a margin."""
         for runner in self.runners.values():
             runner.request_stop()
-        for thread in self.threads.values():
-            thread.join(timeout_s)
+        if timeout_s is None:
+            timeout_s = max((r.shutdown_grace_s for r in self.runners.values()), default=0.0) + 10.0
+        deadline = time.monotonic() + timeout_s
+        for name, thread in self.threads.items():
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("stage %s still draining after %.0fs; leaving it", name, timeout_s)
 
     def stats(self) -> dict[str, object]:
         return {
@@ -182,7 +202,45 @@ def api_server(
     # Refuses to start before anything listens: a non-loopback bind needs keys.
     host = bind_host(settings.api, KeyRing.from_settings(settings.api))
     app = create_app(settings, store=store, stage_stats=stage_stats)
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=settings.api.port, log_level="warning"))
+    mount_observability(app)
+    # log_config=None: uvicorn's error and access logs go through colstream's one handler
+    # (infra/logs.py), in the same JSON or text format as every other line.
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=settings.api.port, log_config=None,
+                                         access_log=True))
+
+
+def mount_observability(app: Any) -> None:
+    """``/metrics`` (every stage of this process and the API's HTTP figures), ``/livez`` and
+    ``/readyz`` (the stages of this process) on the API, and request metrics for it."""
+    from fastapi.responses import JSONResponse, Response
+    from starlette.requests import Request
+
+    from colstream.infra.health import HEALTH, probe_response
+    from colstream.infra.metrics import observe_http_request, render_latest
+
+    @app.middleware("http")
+    async def _count_requests(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            observe_http_request(request.method, template, status, time.perf_counter() - started)
+
+    def metrics() -> Response:
+        return Response(render_latest(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    def probe(ok_and_report: tuple[bool, dict[str, Any]]) -> JSONResponse:
+        status, body = probe_response(*ok_and_report)
+        return JSONResponse(json.loads(body), status_code=status)
+
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/livez", lambda: probe(HEALTH.live()), methods=["GET"], include_in_schema=False)
+    app.add_api_route("/readyz", lambda: probe(HEALTH.ready()), methods=["GET"], include_in_schema=False)
 
 
 def serve_api(
@@ -204,3 +262,93 @@ def serve_api_in_thread(
     server = api_server(settings, store, stage_stats)
     threading.Thread(target=server.run, name="api", daemon=True).start()
     return server
+
+
+# -- `colstream run <stage>` and `colstream run all` ------------------------------------
+def _exit_now(code: int, what: str) -> None:
+    """Leave the process now when non-daemon threads are still alive: handler threads still
+    working on abandoned batches (a 60 s GPU batch, a hung render) would hold interpreter
+    shutdown past the drain bound. Their work is uncommitted, so the group replays it."""
+    lingering = [t.name for t in threading.enumerate() if t is not threading.current_thread()
+                 and not t.daemon and t.is_alive()]
+    if not lingering:
+        return
+    log.warning("%s: leaving %d busy threads behind at exit (their work is uncommitted and replays): %s",
+                what, len(lingering), ", ".join(sorted(lingering)[:8]))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _on_stop_signals(callback: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT run ``callback`` once; a second one leaves at once."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if received:
+            log.warning("second %s: exiting without draining", signal.Signals(signum).name)
+            _exit_now(1, "stop")
+        received.append(signum)
+        log.info("%s: draining (at most shutdown.grace_s)", signal.Signals(signum).name)
+        callback()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def run_stage(name: StageName, settings: ColstreamSettings) -> int:
+    """One stage in this process, as its pod runs it: ``/metrics``, ``/livez`` and ``/readyz``
+    on ``metrics.port``; on SIGTERM it exits within ``shutdown.grace_s`` plus a few seconds
+    of consumer close, whatever the handler is doing."""
+    from colstream.infra.health import serve_health
+    from colstream.infra.metrics import PagesPendingProbe
+
+    runner = build_stage(name, settings)
+    server = serve_health(settings.metrics.host, settings.metrics.port)
+    probe = PagesPendingProbe(settings, name).start() if name in ("embedder", "sink") else None
+    _on_stop_signals(runner.request_stop)
+    code = 0
+    try:
+        runner.run()
+    except Exception as exc:
+        log.error("%s stopped: %s", name, exc, exc_info=not isinstance(exc, KeyboardInterrupt))
+        code = 1
+    finally:
+        if probe is not None:
+            probe.stop()
+        server.stop()
+    _exit_now(code, name)
+    return code
+
+
+def run_all(settings: ColstreamSettings, with_api: bool = True) -> int:
+    """Every stage in threads of this process, and the API; ``/metrics``, ``/livez`` and
+    ``/readyz`` on the API port (on ``metrics.port`` without the API)."""
+    from colstream.infra.health import serve_health
+    from colstream.infra.metrics import PagesPendingProbe
+
+    pipeline = start_pipeline(settings)
+    settings = pipeline.settings
+    probe = PagesPendingProbe(settings, "all").start()
+    pipeline.on_stop.append(probe.stop)
+    if with_api:
+        server = serve_api_in_thread(settings, store=pipeline.store, stage_stats=pipeline.stages.stats)
+        pipeline.on_stop.append(lambda: setattr(server, "should_exit", True))
+        print(f"colstream: pipeline running; API on http://{settings.api.host}:{settings.api.port} "
+              "(GET /health, /documents, /metrics, /livez, /readyz). Ctrl-C to stop.", flush=True)
+    else:
+        health = serve_health(settings.metrics.host, settings.metrics.port)
+        pipeline.on_stop.append(health.stop)
+        print(f"colstream: pipeline running; /metrics, /livez, /readyz on port {health.port}. Ctrl-C to stop.",
+              flush=True)
+    stop = threading.Event()
+    _on_stop_signals(stop.set)
+    while not stop.is_set():
+        stop.wait(1.0)
+        if pipeline.stages.failures:
+            break
+    pipeline.stop()
+    code = 1 if pipeline.stages.failures else 0
+    _exit_now(code, "all")
+    return code

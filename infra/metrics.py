@@ -86,6 +86,21 @@ SINK_WRITE_SECONDS = Histogram(
     buckets=_SECONDS_BUCKETS,
 )
 
+HTTP_REQUESTS = Counter(
+    "colstream_http_requests", "HTTP requests the API answered, by route template and status.",
+    ["stage", "method", "route", "status"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "colstream_http_request_seconds", "Seconds the API took to answer a request, by route template.",
+    ["stage", "method", "route"], buckets=_SECONDS_BUCKETS,
+)
+
+
+def observe_http_request(method: str, route: str, status: int, seconds: float) -> None:
+    """One answered API request (``route`` is the template, never the raw path: bounded labels)."""
+    HTTP_REQUESTS.labels("api", method, route, str(status)).inc()
+    HTTP_REQUEST_SECONDS.labels("api", method, route).observe(seconds)
+
 
 class GpuMemoryCollector(Collector):
     """``colstream_gpu_memory_bytes`` per CUDA device, read at scrape time.
