@@ -41,9 +41,11 @@ _THREAD_STAGES = (
     ("stage-splitter", "splitter"),
     ("stage-embedder", "embedder"),
     ("stage-sink", "sink"),
+    ("stage-webhooks", "webhooks"),
     ("splitter", "splitter"),
     ("embed", "embedder"),
     ("sink", "sink"),
+    ("webhooks", "webhooks"),
     ("api", "api"),
 )
 

@@ -311,11 +311,19 @@ class WebhookEndpoint(Section):
         return secret
 
 
+# An allowlist entry: a DNS name, an IPv4 literal or a bracketed IPv6 literal, with an optional port.
+_ALLOWED_HOST_RE = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+
+
 class WebhookSettings(Section):
     # JSON list of WebhookEndpoint.
     endpoints: list[WebhookEndpoint] = Field(default_factory=list)
-    # Hosts webhooks may be sent to, "host" or "host:port". Loopback only when listed.
+    # Hosts webhooks may be sent to, "host" (the scheme's default port) or "host:port"
+    # ("[::1]:8080" for IPv6). Loopback only when listed; link-local and cloud metadata
+    # addresses never, listed or not.
     allowed_hosts: list[str] = Field(default_factory=list)
+    # Plain http:// targets; off: only https, except to an explicitly listed loopback host.
+    allow_http: bool = False
     # One delivery is retried with exponential backoff and jitter for at most this long,
     # then dead-lettered with the last status.
     retry_for_s: float = Field(default=300.0, gt=0)
@@ -326,6 +334,29 @@ class WebhookSettings(Section):
     # commits, not other endpoints, until this many batches wait on it.
     max_in_flight: int = Field(default=64, ge=1)
     batch_size: int = Field(default=16, ge=1)
+    batch_timeout_ms: int = Field(default=100, ge=1)
+    # Requests open at once to one endpoint; others are never held back by it.
+    concurrency_per_endpoint: int = Field(default=4, ge=1)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_entries(cls, entries: list[str]) -> list[str]:
+        cleaned = []
+        for entry in entries:
+            value = entry.strip().lower()
+            if not _ALLOWED_HOST_RE.fullmatch(value):
+                raise ValueError(f"webhook allowed host {entry!r} must be 'host' or 'host:port'")
+            port = value.rsplit(":", 1)[1] if value.rfind(":") > value.rfind("]") else None
+            if port is not None and not 0 < int(port) < 65536:
+                raise ValueError(f"webhook allowed host {entry!r}: port out of range")
+            cleaned.append(value)
+        return list(dict.fromkeys(cleaned))
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> WebhookSettings:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("webhooks.backoff_max_s must not be below webhooks.backoff_initial_s")
+        return self
 
 
 class EventGridSettings(Section):

@@ -11,6 +11,7 @@ from colstream.schemas.errors import PipelineError
 from colstream.schemas.events import (
     PAGE_MESSAGE,
     VECTORS_MESSAGE,
+    DocumentIndexed,
     PageMessage,
     UploadEvent,
     VectorsMessage,
@@ -91,6 +92,17 @@ def decode_vectors(value: bytes | None) -> VectorsMessage:
         return VECTORS_MESSAGE.validate_python(data)
     except ValidationError as exc:
         raise InvalidRecord("InvalidVectorsMessage", f"invalid vectors-topic message: {_summarise(exc)}") from exc
+
+
+def decode_indexed(value: bytes | None) -> DocumentIndexed:
+    """A ``documents.indexed`` record: one document version settled (or deleted)."""
+    if value is None:
+        raise InvalidRecord("UnexpectedTombstone", "null value on the indexed topic")
+    data = _load_json(value)
+    try:
+        return DocumentIndexed.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRecord("InvalidIndexedEvent", f"invalid indexed-topic event: {_summarise(exc)}") from exc
 
 
 def encode(model: Any) -> bytes:

@@ -12,7 +12,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   uv venv -q .venv --python 3.11
 fi
-if ! .venv/bin/python -c "import colstream.infra.settings, colpali_engine, qdrant_edge, pytest, selenium" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import colstream.infra.settings, colpali_engine, qdrant_edge, pytest, selenium, standardwebhooks" >/dev/null 2>&1; then
   echo "bootstrap: installing colstream and its dependencies into .venv (torch is large: a few minutes)"
   uv pip install -q --python .venv/bin/python -e ".[dev]"
 fi
