@@ -50,6 +50,7 @@ from colstream.api.deps import (
     RecordStoreLike,
     model_label,
 )
+from colstream.api.failures import public_reason, scrub_paths
 from colstream.api.guards import RejectControlCharactersInPath
 from colstream.api.limits import LimitRequestBody
 from colstream.api.models import (
@@ -78,6 +79,7 @@ from colstream.api.progress import (
 )
 from colstream.api.search import build_search_router
 from colstream.api.tenancy import check_tenant_index, parse_metadata_field, visible, visible_records
+from colstream.infra.blob_names import upload_blob_name
 from colstream.infra.settings import ColstreamSettings, ModelSettings
 from colstream.schemas.events import DocumentRecord, UploadEvent, _check_document_id, utcnow
 
@@ -128,7 +130,7 @@ class ApiContext:
             raise
         except Exception as exc:
             log.exception("vector store %s failed", method)
-            raise HTTPException(503, f"vector store unavailable: {type(exc).__name__}: {exc}") from exc
+            raise HTTPException(503, f"vector store unavailable: {public_reason(exc)}") from exc
 
     async def read_record(self, document_id: str) -> DocumentRecord | None:
         records: dict[str, DocumentRecord] = await self.call_store("get_records", [document_id])
@@ -139,7 +141,7 @@ class ApiContext:
             return await run_in_threadpool(self.model.get)
         except Exception as exc:
             log.exception("model load failed")
-            raise HTTPException(503, f"embedding model unavailable: {type(exc).__name__}: {exc}") from exc
+            raise HTTPException(503, f"embedding model unavailable: {public_reason(exc)}") from exc
 
     async def publish(self, action: Callable[[PublisherLike], Any]) -> Any:
         try:
@@ -147,7 +149,7 @@ class ApiContext:
             return await run_in_threadpool(action, publisher)
         except Exception as exc:
             log.exception("publishing to Kafka failed")
-            raise HTTPException(503, f"could not publish to Kafka: {type(exc).__name__}: {exc}") from exc
+            raise HTTPException(503, f"could not publish to Kafka: {public_reason(exc)}") from exc
 
     async def wait_for(
         self, document_id: str, done: Callable[[DocumentRecord | None], bool], timeout_s: float
@@ -496,7 +498,8 @@ def _ingest_router(ctx: ApiContext, require: Require) -> APIRouter:
                 content_type = await run_in_threadpool(check_image_file, spooled, limits.max_image_pixels)
             # A fresh name per upload keeps every version's blob immutable: an older
             # version still in the pipeline never reads a newer upload's bytes.
-            blob_name = f"uploads/{document_id}/{uuid.uuid4().hex}/{blob_safe_name(filename, fallback)}"
+            # Every component fits any file system, whatever the id (infra/blob_names.py).
+            blob_name = upload_blob_name(document_id, blob_safe_name(filename, fallback))
             try:
                 blobs = await run_in_threadpool(ctx.blob_store.get)
                 blob_uri = await run_in_threadpool(blobs.put_file, spooled, blob_name, content_type)
@@ -586,11 +589,11 @@ def _ingest_router(ctx: ApiContext, require: Require) -> APIRouter:
 def _blob_http_error(exc: Exception) -> HTTPException:
     error_type = getattr(exc, "error_type", None)
     if error_type == "BlobNotAllowed":
-        return HTTPException(400, f"cannot store the upload: {exc}")
+        return HTTPException(400, f"cannot store the upload: {scrub_paths(str(exc))}")
     if error_type == "BlobTooLarge":
-        return HTTPException(413, f"cannot store the upload: {exc}")
+        return HTTPException(413, f"cannot store the upload: {scrub_paths(str(exc))}")
     log.exception("storing an upload failed")
-    return HTTPException(503, f"blob storage unavailable: {type(exc).__name__}: {exc}")
+    return HTTPException(503, f"blob storage unavailable: {public_reason(exc)}")
 
 
 def _forget_blob(ctx: ApiContext, uri: str) -> None:

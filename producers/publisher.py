@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from colstream.infra.blob_names import upload_blob_name
 from colstream.infra.kafka import OutRecord, ProducerClient
 from colstream.infra.settings import ColstreamSettings
 from colstream.schemas import UploadEvent, encode
@@ -69,7 +70,8 @@ class UploadPublisher:
 
         content_type = content_type or mimetypes.guess_type(path.name)[0]
         store = open_blob_store(self.settings)
-        uri = store.put_file(path, f"uploads/{document_id}/{path.name}", content_type=content_type)
+        check_document_id(document_id)
+        uri = store.put_file(path, upload_blob_name(document_id, path.name), content_type=content_type)
         event = UploadEvent(
             document_id=document_id,
             blob_uri=uri,
