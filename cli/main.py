@@ -303,11 +303,12 @@ def models(
 
 
 def _register_modules() -> None:
-    from colstream.cli import demo, doctor, ops
+    from colstream.cli import demo, doctor, ops, search
 
     demo.register(app)
     ops.register(app)
     doctor.register(app)
+    search.register(app)
 
 
 _register_modules()
