@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from colstream.api.auth import Authenticator, KeyRing, Principal, tenant_metadata
+from colstream.api.console import build_console_router
 from colstream.api.content import (
     RejectedInput,
     blob_safe_name,
@@ -77,6 +78,7 @@ from colstream.api.progress import (
     summary,
     upload_finished,
 )
+from colstream.api.publishing import PublishOutcomeUnknown, publish_http_error
 from colstream.api.search import build_search_router
 from colstream.api.tenancy import check_tenant_index, parse_metadata_field, visible, visible_records
 from colstream.infra.blob_names import upload_blob_name
@@ -149,7 +151,7 @@ class ApiContext:
             return await run_in_threadpool(action, publisher)
         except Exception as exc:
             log.exception("publishing to Kafka failed")
-            raise HTTPException(503, f"could not publish to Kafka: {public_reason(exc)}") from exc
+            raise publish_http_error(exc) from exc
 
     async def wait_for(
         self, document_id: str, done: Callable[[DocumentRecord | None], bool], timeout_s: float
@@ -277,6 +279,8 @@ def create_app(
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
 
     app.include_router(_health_router(ctx, gpu_probe or _cuda_available))
+    # Before the documents router: /documents/{id}/pages/{n}/image is more specific than /documents/{id}.
+    app.include_router(build_console_router(ctx, require))
     app.include_router(_documents_router(ctx, require))
     app.include_router(_ingest_router(ctx, require))
     app.include_router(_embedding_router(ctx, require))
@@ -319,7 +323,7 @@ def _validated_document_id(document_id: str) -> str:
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 415, 422, 503)
+    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 415, 422, 503, 504)
 }
 
 
@@ -521,6 +525,9 @@ def _ingest_router(ctx: ApiContext, require: Require) -> APIRouter:
         published_at = utcnow()
         try:
             published = await ctx.publish(lambda publisher: publisher.publish_upload(event))
+        except PublishOutcomeUnknown:
+            # The record may still be written from the producer's queue: its blob must stay.
+            raise
         except HTTPException:
             await run_in_threadpool(_forget_blob, ctx, blob_uri)
             raise
