@@ -301,12 +301,19 @@ def run_stage(name: StageName, settings: ColstreamSettings) -> int:
     """One stage in this process, as its pod runs it: ``/metrics``, ``/livez`` and ``/readyz``
     on ``metrics.port``; on SIGTERM it exits within ``shutdown.grace_s`` plus a few seconds
     of consumer close, whatever the handler is doing."""
+    return serve_and_run(build_stage(name, settings), settings,
+                         pages_pending=name in ("embedder", "sink"))
+
+
+def serve_and_run(runner: StageRunner, settings: ColstreamSettings, *, pages_pending: bool = False) -> int:
+    """``runner`` until SIGTERM/SIGINT, with ``/metrics``, ``/livez`` and ``/readyz`` served on
+    ``metrics.port``; then out of the process within the drain bound (:func:`_exit_now`)."""
     from colstream.infra.health import serve_health
     from colstream.infra.metrics import PagesPendingProbe
 
-    runner = build_stage(name, settings)
+    name = runner.handler.name
     server = serve_health(settings.metrics.host, settings.metrics.port)
-    probe = PagesPendingProbe(settings, name).start() if name in ("embedder", "sink") else None
+    probe = PagesPendingProbe(settings, name).start() if pages_pending else None
     _on_stop_signals(runner.request_stop)
     code = 0
     try:

@@ -36,7 +36,11 @@ import torch
 from PIL import Image
 
 from colstream.embedding.model import EmbeddingModel, ImageGrid, ModelInputs
+from colstream.infra.metrics import StageMetrics
 from colstream.infra.settings import LimitSettings
+
+# colstream_embed_forward_seconds, one observation per forward pass on the device.
+_FORWARD_METRICS = StageMetrics("embedder")
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +298,9 @@ class PipelinedEmbedder:
                 for start, stop, outputs in self._forward_splitting_on_oom(batch.inputs, 0):
                     part = batch.inputs.slice(start, stop) if (start, stop) != (0, batch.inputs.size) else batch.inputs
                     self._post_queue.put(self._to_host(batch, batch.indices[start:stop], outputs, part))
-                self.stats.forward_seconds += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                self.stats.forward_seconds += elapsed
+                _FORWARD_METRICS.embed_forward(elapsed)
                 self.stats.batches += 1
                 self.stats.items += batch.inputs.size
             except BaseException as exc:

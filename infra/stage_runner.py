@@ -23,11 +23,22 @@ of that batch and hands it over again after a delay (the model is quix-streams'
 the same way.
 
 On stop the runner gives in-flight batches ``shutdown.grace_s``, commits what is
-durable and abandons the rest uncommitted: the group replays it.
+durable and abandons the rest uncommitted: the group replays it. It never waits
+for a handler past that bound: ``run()`` returns, and the process leaves even if a
+handler thread is still inside a 60 s batch (see :func:`colstream.app.run_stage`).
+
+Every runner reports to :mod:`colstream.infra.metrics` (records in and out, dead
+letters by type, batch sizes and times, documents in flight, consumer lag from
+librdkafka's statistics) and to :mod:`colstream.infra.health`: the poll loop's
+turns, each batch from hand-over to its outputs being produced, the assignment and
+the broker connection. So ``/livez`` fails on a handler stuck inside one batch even
+though the loop keeps polling (and keeps the partitions) while it waits.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import signal
 import threading
@@ -41,6 +52,7 @@ from typing import Protocol
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
+from colstream.infra.health import StageHealth, stage_health
 from colstream.infra.kafka import (
     ConsumerFactory,
     ConsumerLike,
@@ -52,6 +64,8 @@ from colstream.infra.kafka import (
     kafka_consumer,
     kafka_producer,
 )
+from colstream.infra.logs import bind_stage
+from colstream.infra.metrics import StageMetrics
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_failures import RawRecord, dead_letter
 
@@ -137,6 +151,8 @@ class _InFlight:
     """One batch: handed to the handler, then its outputs produced, then committed."""
 
     records: list[RawRecord]
+    batch_id: int = 0
+    started: float = field(default_factory=time.perf_counter)
     future: Future[list[OutRecord]] | None = None
     produced: bool = False
     abandoned: bool = False
@@ -212,6 +228,9 @@ class StageRunner:
         self.backpressure_events = 0
         # A handler bug seen inside a rebalance callback, raised from the poll loop.
         self._failure: BaseException | None = None
+        self.metrics = StageMetrics(handler.name)
+        self.health: StageHealth = stage_health(handler.name, settings.health)
+        self._batch_ids = itertools.count(1)
 
     # -- lifecycle -----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -221,8 +240,31 @@ class StageRunner:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.request_stop())
 
+    def consumer_config(self) -> dict[str, object]:
+        """The group's consumer configuration, with librdkafka's statistics feeding the lag
+        gauge and the connection state, and its errors feeding readiness."""
+        config: dict[str, object] = dict(self.settings.kafka.consumer_config(self.group_id))
+        earlier_error_cb = config.get("error_cb")
+
+        def error_cb(error: KafkaError) -> None:
+            self.health.on_kafka_error(error)
+            if callable(earlier_error_cb):
+                earlier_error_cb(error)
+
+        def stats_cb(stats_json: str) -> None:
+            self.metrics.on_kafka_statistics(stats_json)
+            self.health.on_kafka_statistics(stats_json)
+
+        config["error_cb"] = error_cb
+        interval = self.settings.metrics.kafka_statistics_interval_ms
+        if interval > 0:
+            config["statistics.interval.ms"] = interval
+            config["stats_cb"] = stats_cb
+        return config
+
     def run(self) -> None:
-        consumer = self.consumer_factory(self.settings.kafka.consumer_config(self.group_id))
+        bind_stage(self.handler.name)
+        consumer = self.consumer_factory(self.consumer_config())
         self._consumer = consumer
         consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke,
                            on_lost=self._on_lost)
@@ -230,13 +272,18 @@ class StageRunner:
         deadline: float | None = None
         try:
             while not self._stop.is_set():
+                self.health.poll_turned()
                 self._step(consumer)
                 if self._failure is not None:
                     raise self._failure
             deadline = time.monotonic() + self.shutdown_grace_s
+            log.info("%s: stopping; draining in-flight work for at most %.0fs", self.handler.name,
+                     self.shutdown_grace_s)
+            self.health.stopped()
             self._shutdown(consumer, deadline)
         finally:
             self._stopping = True
+            self.health.stopped()
             try:
                 consumer.close()
             except (KafkaException, RuntimeError) as exc:
@@ -304,7 +351,9 @@ class StageRunner:
     def _submit(self, records: list[RawRecord]) -> None:
         self.stats.batches += 1
         self.stats.records_in += len(records)
-        item = _InFlight(records)
+        self.metrics.records_consumed(len(records))
+        item = _InFlight(records, batch_id=next(self._batch_ids))
+        self.health.batch_started(item.batch_id)
 
         def emit(record: OutRecord) -> None:
             # Records a handler emits while it works count towards its batch's commit.
@@ -312,6 +361,7 @@ class StageRunner:
                 raise BatchAbandoned(f"{self.handler.name}: batch abandoned")
             item.sent()
             self.producer.send(record, on_delivery=item.acked)
+            self._count_output(record)
 
         try:
             item.future = self.handler.submit(records, emit)
@@ -320,15 +370,36 @@ class StageRunner:
             failed.set_exception(exc)
             item.future = failed
         self._in_flight.append(item)
+        self._documents_in_flight()
+
+    def _count_output(self, record: OutRecord) -> None:
+        self.stats.records_out += 1
+        self.metrics.records_produced()
+        if record.topic == self.settings.topics.dlq and record.value is not None:
+            try:
+                error_type = str(json.loads(record.value).get("error_type") or "unknown")
+            except (ValueError, AttributeError):
+                error_type = "unknown"
+            self.metrics.dead_letter(error_type)
+
+    def _documents_in_flight(self) -> None:
+        keys = {r.key for item in self._in_flight if not item.produced for r in item.records}
+        self.metrics.documents_in_flight(len(keys))
+
+    def _batch_over(self, item: _InFlight) -> None:
+        """``item`` left the handler (done, backed off or abandoned): liveness stops timing it."""
+        self.health.batch_finished(item.batch_id)
 
     def _to_record(self, message: Message) -> RawRecord | None:
         err = message.error()
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
+                self.health.connected(True)
                 return None
             if err.fatal() or not err.retriable():
                 log.error("%s: consumer error: %s", self.handler.name, err)
             return None
+        self.health.connected(True)
         key = message.key()
         ts_type, ts = message.timestamp()
         topic, partition, offset = message.topic(), message.partition(), message.offset()
@@ -364,8 +435,11 @@ class StageRunner:
             for record in outputs:
                 item.sent()
                 self.producer.send(record, on_delivery=item.acked)
+                self._count_output(record)
             item.produced = True
-            self.stats.records_out += len(outputs)
+            self._batch_over(item)
+            self.metrics.batch_done(len(item.records), time.perf_counter() - item.started)
+            self._documents_in_flight()
         self.producer.poll(0)
         if block:
             ack_deadline = time.monotonic() + 120 if deadline is None else deadline
@@ -398,6 +472,7 @@ class StageRunner:
         rewind: dict[tuple[str, int], int] = {}
         for item in redo:
             item.abandoned = True
+            self._batch_over(item)
             if item.future is not None:
                 item.future.cancel()
             for key, offset in item.first_offsets().items():
@@ -481,6 +556,8 @@ class StageRunner:
     # -- rebalance -------------------------------------------------------------------
     def _on_assign(self, consumer: ConsumerLike, partitions: list[TopicPartition]) -> None:
         self.assigned |= {(p.topic, p.partition) for p in partitions}
+        self.health.assigned(len(self.assigned))
+        self.health.connected(True)
         # librdkafka remembers a pause per partition even across a loss and
         # reassignment, so state it explicitly: a partition paused before it was lost
         # would otherwise come back paused and never be fetched again.
@@ -513,6 +590,7 @@ class StageRunner:
         owner resumes from our last commit, so they are not lost."""
         gone = {(p.topic, p.partition) for p in partitions}
         self.assigned -= gone
+        self.health.assigned(len(self.assigned))
         for key in gone:
             self._last_committed.pop(key, None)
         kept = [[r for r in batch if (r.position.topic, r.position.partition) not in gone] for batch in self._ready]
@@ -538,9 +616,11 @@ class StageRunner:
                         self.handler.name, len(self._in_flight))
             for item in self._in_flight:
                 item.abandoned = True
+                self._batch_over(item)
                 if item.future is not None:
                     item.future.cancel()
             self._in_flight.clear()
+            self._documents_in_flight()
         self._ready.clear()
         if self._last_committed:
             # Make sure the asynchronous commits landed before leaving the group.

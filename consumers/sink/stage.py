@@ -8,6 +8,7 @@ writes durably; only then are completion events produced to
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 
 from colstream.consumers.sink.core import SinkCore, SinkOutcome
 from colstream.infra.kafka import OutRecord
+from colstream.infra.metrics import StageMetrics
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_failures import StageFailures
 from colstream.infra.stage_runner import Backpressure, Emit, RawRecord, StageRunner
@@ -67,6 +69,7 @@ class SinkHandler:
         self.dim = index_dimension(store) if dim is None else dim
         self.model_label: str | None = None
         self.failures = StageFailures(STAGE, self.topics.dlq)
+        self.metrics = StageMetrics(STAGE)
         # Writes run here, off the poll thread; one at a time keeps latest-wins in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
 
@@ -104,8 +107,12 @@ class SinkHandler:
         return outputs
 
     def _apply(self, messages: list[VectorsMessage]) -> SinkOutcome:
+        started = time.perf_counter()
         try:
-            return self.core.apply(messages)
+            outcome = self.core.apply(messages)
+            self.metrics.sink_write(time.perf_counter() - started)
+            self.metrics.pages_indexed(outcome.written_pages)
+            return outcome
         except PipelineError:
             raise  # refused for what it is (the index belongs to another model): not transient
         except Exception as exc:
