@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -72,8 +73,13 @@ class _Hooks:
 
 
 def _worker_main(conn: Connection, limits: LimitSettings, hooks: _Hooks) -> None:
-    # The parent owns shutdown; a Ctrl-C in the terminal must not spray tracebacks from here.
+    # The parent owns shutdown. A Ctrl-C in the terminal, or a SIGTERM to the whole process
+    # group (systemd, an init wrapper), must not kill a worker under the parent: its pages
+    # would be dead-lettered as RendererCrashed although nothing is wrong with them. The
+    # parent drains within its grace and then kills the workers itself; what they had not
+    # finished stays uncommitted and is replayed.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
         try:
             message = conn.recv()
@@ -525,4 +531,22 @@ def _make_context(start_method: str | None) -> BaseContext:
         # Workers fork from a server that already imported PDFium and Pillow: fast replacement
         # after a kill. Takes effect only if the server has not started yet; harmless otherwise.
         context.set_forkserver_preload(["colstream.consumers.splitter.render"])
+        _start_forkserver_immune_to_group_signals()
     return context
+
+
+def _start_forkserver_immune_to_group_signals() -> None:
+    """Start the forkserver with SIGTERM and SIGINT ignored (dispositions that survive its
+    exec), so a signal to the process group does not kill it, and with it every later worker
+    start, while the parent is still draining. The parent's own handlers are restored at once."""
+    from multiprocessing import forkserver
+
+    if threading.current_thread() is not threading.main_thread():
+        forkserver.ensure_running()  # signal.signal works only on the main thread
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        forkserver.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

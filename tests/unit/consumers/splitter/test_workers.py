@@ -103,3 +103,41 @@ def test_the_splitter_dead_letters_a_file_that_hangs_on_open_and_splits_the_next
     ]
     assert pages[0]["error_type"] == "OpenTimeout"
     assert renderer.workers_replaced == 1
+
+
+GROUP_SIGTERM_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+from colstream.consumers.splitter.workers import StreamingRenderer
+from colstream.infra.settings import LimitSettings
+from tests.fixtures import docs
+
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append("TERM"))
+path = Path(sys.argv[1])
+path.write_bytes(docs.make_pdf(2))
+with StreamingRenderer(2, LimitSettings()) as pool:
+    assert pool.inspect(path, "pdf").page_count == 2
+    workers = set(pool.worker_pids())
+    from multiprocessing import forkserver
+    server = forkserver._forkserver._forkserver_pid
+    os.killpg(os.getpgrp(), signal.SIGTERM)
+    time.sleep(1.0)
+    for pid in [*workers, server]:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state != "Z", f"{pid} was killed by the group's SIGTERM"
+    assert got == ["TERM"], got
+    assert pool.inspect(path, "pdf").page_count == 2
+    assert set(pool.worker_pids()) == workers and pool.workers_replaced == 0
+print("SURVIVED")
+"""
+
+
+def test_a_sigterm_to_the_process_group_leaves_workers_and_forkserver_to_the_parent(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[4]
+    proc = subprocess.run([sys.executable, "-c", GROUP_SIGTERM_SCRIPT, str(tmp_path / "doc.pdf")], cwd=repo,
+                          capture_output=True, text=True, timeout=120, start_new_session=True, check=False)
+    assert proc.returncode == 0 and "SURVIVED" in proc.stdout, proc.stdout + proc.stderr
