@@ -108,7 +108,31 @@ def kafka_producer(config: dict[str, Any]) -> ProducerLike:
 
 
 class DeliveryFailed(RuntimeError):
-    pass
+    """The broker did not take the record: it was never written."""
+
+
+class DeliveryOutcomeUnknown(DeliveryFailed):
+    """The record may or may not have been written (no acknowledgement in time, or one lost
+    on the way): it can still be delivered later from the producer's queue. Anything it
+    references must be kept, and sending it again under the same key is safe."""
+
+
+# Errors after which a record may already sit in the log.
+_AMBIGUOUS_ERRORS = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        KafkaError._PURGE_INFLIGHT,
+    }
+)
+
+
+def delivery_error(topic: str, err: KafkaError) -> DeliveryFailed:
+    kind = DeliveryOutcomeUnknown if err.code() in _AMBIGUOUS_ERRORS else DeliveryFailed
+    return kind(f"{topic}: {err.str()}")
 
 
 @dataclass
@@ -174,7 +198,12 @@ class ProducerClient:
         self.producer.poll(0)
 
     def send_and_wait(self, record: OutRecord, timeout_s: float = 60.0) -> tuple[int, int]:
-        """Send one record and return its (partition, offset) once acknowledged."""
+        """Send one record and return its (partition, offset) once acknowledged.
+
+        Raises :class:`DeliveryOutcomeUnknown` when no acknowledgement came within
+        ``timeout_s`` (the record stays queued and may still be written) or the error
+        leaves it open whether the broker wrote it; :class:`DeliveryFailed` when it
+        certainly was not written."""
         acked: dict[str, Any] = {}
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
@@ -190,10 +219,13 @@ class ProducerClient:
         deadline = time.monotonic() + timeout_s
         while "offset" not in acked:
             if time.monotonic() > deadline:
-                raise DeliveryFailed(f"record to {record.topic} not acknowledged within {timeout_s:.0f}s")
+                raise DeliveryOutcomeUnknown(
+                    f"record to {record.topic} not acknowledged within {timeout_s:g}s; it is still queued "
+                    "and may be written once the broker answers"
+                )
             self.producer.poll(0.1)
         if acked["err"] is not None:
-            raise DeliveryFailed(f"{record.topic}: {acked['err'].str()}")
+            raise delivery_error(record.topic, acked["err"])
         return int(acked["partition"]), int(acked["offset"])
 
     def flush_or_raise(self, timeout_s: float = 120.0) -> None:

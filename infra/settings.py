@@ -62,6 +62,9 @@ class KafkaSettings(Section):
     # Static membership (KIP-345): a restarted replica with the same id (e.g. a
     # StatefulSet pod name) takes its partitions back without a group rebalance.
     group_instance_id: str | None = None
+    # How long a publisher (API, CLI) waits for the broker's acknowledgement before it
+    # answers that the outcome is unknown (the record stays queued and may still land).
+    publish_timeout_s: float = Field(default=60.0, gt=0)
     # The producer's own view of the biggest record it may send; topics are created
     # with a matching max.message.bytes.
     message_max_bytes: int = 4_194_304

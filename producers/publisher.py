@@ -53,7 +53,7 @@ class UploadPublisher:
         if not wait:
             self.producer.send(record)
             return Published(record.topic, record.key, record.value)
-        partition, offset = self.producer.send_and_wait(record)
+        partition, offset = self.producer.send_and_wait(record, timeout_s=self.settings.kafka.publish_timeout_s)
         return Published(record.topic, record.key, record.value, partition, offset)
 
     def publish_file(
