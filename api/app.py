@@ -39,7 +39,6 @@ from colstream.api.content import (
     check_image_file,
     check_pdf_file,
     clean_filename,
-    decode_base64_image,
 )
 from colstream.api.contract import install_error_contract
 from colstream.api.deps import (
@@ -53,6 +52,7 @@ from colstream.api.deps import (
 )
 from colstream.api.failures import public_reason, scrub_paths
 from colstream.api.guards import RejectControlCharactersInPath
+from colstream.api.images import EmbedImageDecoder, LimitBodyPerPath, embed_body_limits
 from colstream.api.limits import LimitRequestBody
 from colstream.api.models import (
     AcceptedResponse,
@@ -271,6 +271,8 @@ def create_app(
     )
     app.state.colstream = ctx
     app.add_middleware(LimitRequestBody, max_bytes=settings.api.max_upload_bytes)
+    # The JSON routes that carry images get a tighter bound, checked before parsing.
+    app.add_middleware(LimitBodyPerPath, limits=embed_body_limits(settings.limits))
     app.add_middleware(RejectControlCharactersInPath)
     install_error_contract(app)
 
@@ -631,8 +633,11 @@ def _embedding_router(ctx: ApiContext, require: Require) -> APIRouter:
         vectors = await ctx.run_model(model.embed_images, images)
         return model, [_real_token_rows(v) for v in vectors]
 
+    # Header checks, a per-request pixel budget, bounded concurrent decodes, downscaled decoding.
+    decoder = EmbedImageDecoder(limits)
+
     def decode(data: str, what: str) -> Any:
-        return decode_base64_image(data, max_bytes=limits.max_blob_bytes, max_pixels=limits.max_image_pixels, what=what)
+        return decoder.decode(data, what)
 
     @router.post("/embed", response_model=EmbedResponse | PooledEmbedResponse)
     async def embed(
@@ -656,9 +661,9 @@ def _embedding_router(ctx: ApiContext, require: Require) -> APIRouter:
 
     @router.post("/embed_batch", response_model=EmbedBatchResponse)
     async def embed_batch(request: EmbedBatchRequest) -> EmbedBatchResponse:
-        images = [
-            await run_in_threadpool(decode, data, f"images[{index}]") for index, data in enumerate(request.images)
-        ]
+        images = await run_in_threadpool(
+            decoder.decode_all, [(data, f"images[{index}]") for index, data in enumerate(request.images)]
+        )
         model, vectors = await embed_images(images)
         return EmbedBatchResponse(
             embeddings=[v.tolist() for v in vectors],

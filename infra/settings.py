@@ -175,6 +175,15 @@ class LimitSettings(Section):
     # Decompression bombs: refuse before decoding anything this large.
     max_pixels_per_page: int = 50_000_000
     max_image_pixels: int = 100_000_000
+    # /embed and /embed_batch (api/images.py): the JSON body, checked before it is parsed;
+    # one image's pixels read from its header (after a JPEG's DCT downscale); all images
+    # of one request together; decodes running at once; the size images are reduced to
+    # as they are decoded (the model's processor resizes to far less).
+    max_embed_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    max_embed_image_pixels: int = Field(default=25_000_000, ge=1)
+    max_embed_request_pixels: int = Field(default=50_000_000, ge=1)
+    max_concurrent_decodes: int = Field(default=2, ge=1)
+    embed_decode_max_pixels: int = Field(default=2048 * 2048, ge=1)
     render_timeout_s: float = 30.0
 
 
