@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import Counter, deque
@@ -72,15 +73,17 @@ async def dns_resolve(host: str, port: int) -> list[str]:
 
 
 class HttpxSender:
-    """The real sender: httpx, no redirects, no proxies from the environment."""
+    """The real sender: httpx, no redirects, no proxies from the environment. ``verify``: the
+    system CAs by default, or an ``ssl.SSLContext`` holding a private CA."""
 
-    def __init__(self) -> None:
+    def __init__(self, verify: ssl.SSLContext | bool = True) -> None:
+        self._verify = verify
         self._client: httpx.AsyncClient | None = None
 
     async def __call__(self, target: Target, address: str, headers: dict[str, str], body: bytes,
                        timeout_s: float) -> tuple[int, dict[str, str]]:
         if self._client is None:
-            self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False,
+            self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False, verify=self._verify,
                                              limits=httpx.Limits(max_keepalive_connections=20))
         request = self._client.build_request(
             "POST", target.url_for(address), content=body, headers={**headers, "host": target.host_header},

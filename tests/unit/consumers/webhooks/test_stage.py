@@ -296,3 +296,80 @@ def test_closing_cancels_deliveries_still_waiting(tmp_path: Path, receivers: Fak
     handler.close()
     assert time.monotonic() - started < 5
     assert receivers.requests == []
+
+
+# -- the real sender, over TLS on this machine --------------------------------------
+def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_the_sender_connects_to_the_checked_address_and_verifies_tls_for_the_name(tmp_path: Path) -> None:
+    import ssl
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from colstream.consumers.webhooks.core import EgressPolicy
+    from colstream.consumers.webhooks.stage import HttpxSender
+
+    cert, key = _self_signed(tmp_path, "hooks.test")
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            seen.append(self.headers["host"])
+            self.send_response(302)
+            self.send_header("location", "https://elsewhere.example/")
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    async def post(name: str) -> tuple[int, dict[str, str]]:
+        target = EgressPolicy([f"{name}:{port}"]).check_url(f"https://{name}:{port}/in")
+        sender = HttpxSender(verify=ssl.create_default_context(cafile=str(cert)))
+        try:
+            return await sender(target, "127.0.0.1", {"webhook-id": "msg_1"}, b"{}", 5.0)
+        finally:
+            await sender.aclose()
+
+    try:
+        status, headers = asyncio.run(post("hooks.test"))
+        # The name went to Host (and TLS), the socket to the address; the redirect was not followed.
+        assert status == 302 and headers["location"] == "https://elsewhere.example/"
+        assert seen == [f"hooks.test:{port}"]
+        import httpx
+
+        with pytest.raises(httpx.ConnectError, match="certificate"):
+            asyncio.run(post("wrong.test"))
+        assert len(seen) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
