@@ -233,6 +233,39 @@ class QdrantSettings(Section):
     # Upload metadata keys that get a payload index on the pages and may be used in a
     # search filter. ``tenant`` is indexed as the tenant key (``is_tenant`` on a server).
     indexed_metadata: list[str] = Field(default_factory=lambda: ["tenant"])
+    # Qdrant cluster layout, applied when colstream creates a collection on a server (the
+    # embedded Edge store is one local shard and ignores them). None keeps the server's
+    # default. docs/capacity.md sizes them.
+    shard_number: int | None = Field(default=None, ge=1, le=1024)
+    replication_factor: int | None = Field(default=None, ge=1, le=16)
+    write_consistency_factor: int | None = Field(default=None, ge=1, le=16)
+    # A quantized first stage on a server: the scan scores compact copies of the vectors
+    # kept in RAM, then rescores the best ``oversampling`` x limit candidates on the stored
+    # vectors. int8 keeps 1 byte per number, binary 1 bit (docs/performance.md measures
+    # both against exact MaxSim). The embedded store always scans exact vectors.
+    quantization: Literal["none", "int8", "binary"] = "none"
+    quantization_oversampling: float = Field(default=3.0, ge=1.0, le=32.0)
+
+    @model_validator(mode="after")
+    def _consistency_within_replicas(self) -> QdrantSettings:
+        replicas = self.replication_factor or 1
+        if self.write_consistency_factor is not None and self.write_consistency_factor > replicas:
+            raise ValueError(
+                f"write_consistency_factor {self.write_consistency_factor} exceeds replication_factor "
+                f"{replicas}: a write would wait for replicas that do not exist"
+            )
+        return self
+
+    def cluster_layout(self, sharded: bool = True) -> dict[str, int]:
+        """The create_collection arguments that place a collection in the cluster (the small
+        records collection is replicated but never sharded)."""
+        layout = {
+            "shard_number": self.shard_number if sharded else None,
+            "replication_factor": self.replication_factor,
+            "write_consistency_factor": self.write_consistency_factor,
+        }
+        return {name: value for name, value in layout.items() if value is not None}
+
 
     @field_validator("indexed_metadata")
     @classmethod

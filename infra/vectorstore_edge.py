@@ -62,6 +62,12 @@ class EdgeVectorStore:
     backend = "qdrant-edge"
 
     def __init__(self, settings: QdrantSettings) -> None:
+        if settings.quantization != "none":
+            # Refused rather than ignored: a setting that silently does nothing misleads sizing.
+            raise ValueError(
+                f"qdrant.quantization={settings.quantization!r} needs a Qdrant server (set QDRANT_URL); "
+                "the embedded store always scans the exact vectors"
+            )
         self._settings = settings
         self._root = Path(settings.path)
         self._alias = settings.collection

@@ -129,6 +129,8 @@ class QdrantServerVectorStore:
             if not self._exists(name):
                 self._create_quietly(
                     name,
+                    **self._settings.cluster_layout(),
+                    quantization_config=_quantization_config(self._settings),
                     vectors_config=_pages_vectors_config(wanted),
                     metadata={_LAYOUT_METADATA_KEY: wanted.as_dict(), _MODEL_METADATA_KEY: model.as_dict()},
                 )
@@ -145,12 +147,24 @@ class QdrantServerVectorStore:
         if recorded is None:
             # An index from before models were recorded, written by this model only.
             self._client.update_collection(self._pages, metadata={_MODEL_METADATA_KEY: bound.as_dict()})
+        self._apply_quantization()
         self._layout, self._model = existing, bound
+
+    def _apply_quantization(self) -> None:
+        """Quantization is an index over the stored vectors, not what is stored: a change of
+        the setting rebuilds it in place (the server quantizes in the background)."""
+        wanted = _quantization_config(self._settings)
+        current = self._client.get_collection(self._pages).config.quantization_config
+        if _quantization_kind(current) == _quantization_kind(wanted):
+            return
+        before, after = _quantization_kind(current), _quantization_kind(wanted)
+        log.info("index %s: quantization %s -> %s", self._pages, before, after)
+        self._client.update_collection(self._pages, quantization_config=wanted or qm.Disabled.DISABLED)
 
     def _ensure_records(self) -> None:
         if not self._exists(self._records):
             # Records carry no vector: the server allows vector-less collections.
-            self._create_quietly(self._records, vectors_config={})
+            self._create_quietly(self._records, vectors_config={}, **self._settings.cluster_layout(sharded=False))
         self._client.create_payload_index(self._records, "document_id", qm.PayloadSchemaType.KEYWORD, wait=True)
 
     def _exists(self, collection: str) -> bool:
@@ -188,7 +202,7 @@ class QdrantServerVectorStore:
             self._client.create_payload_index(self._pages, payload_path(key), metadata_schema, wait=True)
         if not self._exists(self._records):
             # Records carry no vector: the server allows vector-less collections.
-            self._create_quietly(self._records, vectors_config={})
+            self._create_quietly(self._records, vectors_config={}, **self._settings.cluster_layout(sharded=False))
         self._client.create_payload_index(
             self._records, "document_id", qm.PayloadSchemaType.KEYWORD, wait=True
         )
@@ -271,24 +285,29 @@ class QdrantServerVectorStore:
         document_id: str | None = None,
         prefetch: bool = True,
         filter: PayloadFilter | None = None,
+        exact: bool = False,
     ) -> list[tuple[float, dict[str, Any]]]:
+        """Best pages by MaxSim. ``exact`` skips the quantized first stage (a reference for
+        measuring it); the row/column prefetch is skipped with ``prefetch=False``."""
         terms = filter_terms(self._settings, filter, document_id)
         if limit <= 0 or not self._exists(self._pages) or any(not values for _, values in terms):
             return []
         layout = self._current_layout()
         vectors = check_query(query, layout.dim).tolist()
         filter_ = _terms_filter(terms)
+        params = _search_params(self._settings, exact=exact)
         if prefetch and self._settings.mean_pooled_prefetch and layout.named:
             candidates = max(limit * PREFETCH_CANDIDATES_PER_RESULT, PREFETCH_MIN_CANDIDATES)
             response = self._client.query_points(
                 self._pages,
                 prefetch=[
-                    qm.Prefetch(query=vectors, using=using, limit=candidates, filter=filter_)
+                    qm.Prefetch(query=vectors, using=using, limit=candidates, filter=filter_, params=params)
                     for using in (ROWS_VECTOR, COLUMNS_VECTOR)
                 ],
                 query=vectors,
                 using=ORIGINAL_VECTOR,
                 query_filter=filter_,
+                search_params=params,
                 limit=limit,
                 with_payload=True,
             )
@@ -298,6 +317,7 @@ class QdrantServerVectorStore:
                 query=vectors,
                 using=ORIGINAL_VECTOR if layout.named else None,
                 query_filter=filter_,
+                search_params=params,
                 limit=limit,
                 with_payload=True,
             )
@@ -324,7 +344,7 @@ class QdrantServerVectorStore:
         if not records:
             return
         if not self._exists(self._records):
-            self._create_quietly(self._records, vectors_config={})
+            self._create_quietly(self._records, vectors_config={}, **self._settings.cluster_layout(sharded=False))
         self._client.upsert(
             self._records,
             points=[
@@ -378,6 +398,34 @@ class QdrantServerVectorStore:
             yield from records
             if offset is None:
                 return
+
+
+def _quantization_config(settings: QdrantSettings) -> qm.QuantizationConfig | None:
+    if settings.quantization == "int8":
+        return qm.ScalarQuantization(scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, always_ram=True))
+    if settings.quantization == "binary":
+        return qm.BinaryQuantization(binary=qm.BinaryQuantizationConfig(always_ram=True))
+    return None
+
+
+def _quantization_kind(config: Any) -> str:
+    if isinstance(config, qm.ScalarQuantization):
+        return "int8"
+    if isinstance(config, qm.BinaryQuantization):
+        return "binary"
+    return "none"
+
+
+def _search_params(settings: QdrantSettings, exact: bool) -> qm.SearchParams | None:
+    if settings.quantization == "none":
+        return None
+    if exact:
+        return qm.SearchParams(quantization=qm.QuantizationSearchParams(ignore=True))
+    return qm.SearchParams(
+        quantization=qm.QuantizationSearchParams(
+            ignore=False, rescore=True, oversampling=settings.quantization_oversampling
+        )
+    )
 
 
 def _pages_vectors_config(layout: PagesLayout) -> qm.VectorParams | dict[str, qm.VectorParams]:

@@ -36,6 +36,22 @@ def session_broker(state: Path) -> LocalKafka:
 
 
 @pytest.fixture(scope="session")
+def qdrant_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Qdrant server for the session: ``QDRANT_URL``, or the binary next to the checkout."""
+    from colstream.testing.qdrant_server import find_qdrant_binary, qdrant_server
+
+    if os.environ.get("QDRANT_URL"):
+        yield os.environ["QDRANT_URL"]
+        return
+    binary = find_qdrant_binary(REPO)
+    if binary is None:
+        pytest.skip("no Qdrant server: set QDRANT_URL or COLSTREAM_QDRANT_BINARY "
+                    "(no package registry ships a Qdrant server binary)")
+    with qdrant_server(binary, tmp_path_factory.mktemp("qdrant-server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     explicit = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if explicit:

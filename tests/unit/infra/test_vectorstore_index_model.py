@@ -6,14 +6,9 @@ Edge runs everywhere; the server path runs against the real Qdrant server binary
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -24,52 +19,12 @@ from colstream.infra.vectorstore_edge import EdgeVectorStore
 DIM = 16
 COLPALI = IndexModel(family="colpali", model_id="vidore/colpali-v1.2", revision="main", dim=DIM)
 COLQWEN2 = IndexModel(family="colqwen2", model_id="vidore/colqwen2-v1.0", revision="main", dim=DIM)
-QDRANT_BINARY = Path(os.environ.get("COLSTREAM_QDRANT_BINARY", "/work/shared/tools/qdrant-1.18.3/qdrant"))
 
 
 def page(model: IndexModel, document_id: str = "doc", page_number: int = 1) -> PagePoint:
     vectors = np.random.default_rng(page_number).standard_normal((6, model.dim)).astype(np.float16)
     return PagePoint(document_id=document_id, version=1, page_number=page_number, total_pages=2, filename=None,
                      blob_uri=None, model=model.label, vectors=vectors)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def qdrant_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if os.environ.get("QDRANT_URL"):
-        yield os.environ["QDRANT_URL"]
-        return
-    if not QDRANT_BINARY.is_file():
-        pytest.skip(f"no Qdrant server: {QDRANT_BINARY} is absent and QDRANT_URL is not set")
-    home = tmp_path_factory.mktemp("qdrant-server")
-    http, grpc = _free_port(), _free_port()
-    env = {**os.environ, "QDRANT__SERVICE__HOST": "127.0.0.1", "QDRANT__SERVICE__HTTP_PORT": str(http),
-           "QDRANT__SERVICE__GRPC_PORT": str(grpc), "QDRANT__STORAGE__STORAGE_PATH": str(home / "storage"),
-           "QDRANT__STORAGE__SNAPSHOTS_PATH": str(home / "snapshots"), "QDRANT__TELEMETRY_DISABLED": "true"}
-    log = (home / "qdrant.log").open("wb")
-    proc = subprocess.Popen([str(QDRANT_BINARY)], env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{http}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"Qdrant server did not start; see {home / 'qdrant.log'}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
 
 
 def _open(backend: str, tmp_path: Path, request: pytest.FixtureRequest, alias: str) -> VectorStore:
