@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -84,6 +85,7 @@ from colstream.api.tenancy import check_tenant_index, parse_metadata_field, visi
 from colstream.infra.blob_names import upload_blob_name
 from colstream.infra.settings import ColstreamSettings, ModelSettings
 from colstream.schemas.events import DocumentRecord, UploadEvent, _check_document_id, utcnow
+from colstream.schemas.ids import DOCUMENT_ID_MAX_LENGTH, DOCUMENT_ID_PATTERN, DOCUMENT_ID_RULE
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +319,14 @@ def _mount_eventgrid(app: FastAPI, settings: ColstreamSettings, ctx: ApiContext)
     app.include_router(router)
 
 
+def _document_id_param(location: Any, **extra: Any) -> Any:
+    """A document id parameter whose schema carries the id rule (checked again by ``_validated_document_id``)."""
+    return location(
+        pattern=DOCUMENT_ID_PATTERN, min_length=1, max_length=DOCUMENT_ID_MAX_LENGTH, description=DOCUMENT_ID_RULE,
+        **extra,
+    )
+
+
 def _validated_document_id(document_id: str) -> str:
     try:
         return _check_document_id(document_id)
@@ -393,7 +403,9 @@ def _documents_router(ctx: ApiContext, require: Require) -> APIRouter:
 
     # `:path` because document ids may contain '/' (e.g. "{container}/{blob}" from Event Grid).
     @router.get("/documents/{document_id:path}", response_model=DocumentDetail)
-    async def get_document(document_id: str, principal: Principal = Depends(require("read"))) -> DocumentDetail:
+    async def get_document(
+        document_id: str = _document_id_param(PathParam), principal: Principal = Depends(require("read"))
+    ) -> DocumentDetail:
         # Another tenant's document answers exactly as a missing one does.
         record = visible(principal, await ctx.read_record(document_id))
         if record is None:
@@ -408,7 +420,7 @@ def _documents_router(ctx: ApiContext, require: Require) -> APIRouter:
         responses={202: {"model": DeleteResponse}},
     )
     async def delete_document(
-        document_id: str,
+        document_id: str = _document_id_param(PathParam),
         wait: bool = Query(False, description="Wait until the sink has removed the pages."),
         timeout_s: float = Query(DEFAULT_DELETE_TIMEOUT_S, ge=0, le=MAX_WAIT_S),
         principal: Principal = Depends(require("delete")),
@@ -560,7 +572,7 @@ def _ingest_router(ctx: ApiContext, require: Require) -> APIRouter:
 
     wait_query = Query(True, description="Wait until the pipeline has indexed (or failed) the document.")
     timeout_query = Query(DEFAULT_INGEST_TIMEOUT_S, ge=0, le=MAX_WAIT_S)
-    document_id_form = Form(None, description="Stable id; a UUID4 is generated when absent.")
+    document_id_form = _document_id_param(Form, default=None)
     metadata_form = Form(
         None,
         description=(

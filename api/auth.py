@@ -222,14 +222,21 @@ class Authenticator:
     ) -> Principal:
         if not self.ring.enabled:
             return OPEN_ACCESS
-        presented = api_key or (bearer.credentials if bearer is not None else None)
+        presented = [key for key in (api_key, bearer.credentials if bearer is not None else None) if key]
+        if "x-api-key" in request.headers and not api_key:
+            raise unauthorized(f"the X-API-Key header is empty; {HOW_TO_SEND}", "invalid_request")
         if not presented:
             if request.headers.get("authorization"):
                 raise unauthorized(f"the Authorization header is not a Bearer token; {HOW_TO_SEND}", "invalid_request")
             raise unauthorized(f"this route needs an API key; {HOW_TO_SEND}")
-        principal = self.ring.identify(presented)
-        if principal is None:
+        # Every key presented must be valid: a wrong one never hides behind a right one.
+        principals = [self.ring.identify(key) for key in presented]
+        if any(principal is None for principal in principals):
             raise unauthorized("the API key is not valid; check it against the configured keys", "invalid_token")
+        if len(set(principals)) > 1:
+            raise unauthorized(f"two different API keys were sent; {HOW_TO_SEND}, not both", "invalid_request")
+        principal = principals[0]
+        assert principal is not None
         return principal
 
     def require(self, scope: ApiScope) -> Dependency:

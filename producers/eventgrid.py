@@ -96,7 +96,9 @@ from azure.eventgrid import EventGridEvent
 from fastapi import APIRouter, BackgroundTasks, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
+from colstream.api.models import ErrorResponse
 from colstream.infra.blobstore import AzureBlob, BlobError, resolve_blob_uri
 from colstream.infra.settings import BlobSettings, ColstreamSettings, EventGridSettings
 from colstream.schemas.events import UploadEvent
@@ -494,6 +496,13 @@ def check_secured(settings: EventGridSettings) -> None:
         )
 
 
+class AbuseProtectionAnswer(BaseModel):
+    """The body of an answered ``OPTIONS /eventgrid``; the handshake itself is in the headers."""
+
+    allowed_methods: list[str] = Field(default_factory=lambda: ["POST", "OPTIONS"])
+    allowed_origin: str | None = Field(description="The WebHook-Allowed-Origin sent back, when one was asked.")
+
+
 def build_eventgrid_router(
     settings: ColstreamSettings, publisher: Publisher, http_get: HttpGet | None = None
 ) -> APIRouter:
@@ -514,44 +523,72 @@ def build_eventgrid_router(
     def _authorised(request: Request) -> bool:
         return delivery_authorised(eg, request.query_params.get("key"), request.headers.get(KEY_HEADER))
 
-    @router.options("/eventgrid")
+    def refused(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"detail": message}, status_code=status, headers=headers)
+
+    def unauthorised() -> JSONResponse:
+        return refused(401, f"missing or wrong Event Grid key: put the shared secret in ?key= or {KEY_HEADER}")
+
+    documented_error = {"model": ErrorResponse}
+
+    @router.options(
+        "/eventgrid",
+        response_model=AbuseProtectionAnswer,
+        responses={401: documented_error, 403: documented_error},
+        summary="CloudEvents abuse-protection handshake",
+    )
     async def abuse_protection(request: Request, background: BackgroundTasks) -> Response:
         if not _authorised(request):
-            return Response(status_code=401)
+            return unauthorised()
+        allow = {"Allow": "POST, OPTIONS"}
         origin = request.headers.get("WebHook-Request-Origin")
         if not origin:
-            return Response(status_code=200, headers={"Allow": "POST, OPTIONS"})
+            return JSONResponse(AbuseProtectionAnswer(allowed_origin=None).model_dump(), headers=allow)
         if origin.lower() not in {o.lower() for o in eg.allowed_origins}:
-            return Response(status_code=403)
-        headers = {"WebHook-Allowed-Origin": origin, "Allow": "POST, OPTIONS"}
+            allowed = ", ".join(eg.allowed_origins)
+            return refused(403, f"origin {origin[:100]!r} may not deliver here; allowed: {allowed}")
+        headers = {"WebHook-Allowed-Origin": origin, **allow}
         if request.headers.get("WebHook-Request-Rate"):
             headers["WebHook-Allowed-Rate"] = "*"
         callback = request.headers.get("WebHook-Request-Callback")
         if callback:
             if not is_event_grid_url(callback, eg):
-                return Response(status_code=403)
+                return refused(403, "WebHook-Request-Callback must be an https URL on an Event Grid host")
             background.add_task(run_in_threadpool, _run_validation_get, getter, callback)
-        return Response(status_code=200, headers=headers)
+        return JSONResponse(AbuseProtectionAnswer(allowed_origin=origin).model_dump(), headers=headers)
 
-    @router.post("/eventgrid")
+    @router.post(
+        "/eventgrid",
+        responses={code: documented_error for code in (400, 401, 413, 503)},
+        summary="Event Grid deliveries (Event Grid schema or CloudEvents 1.0)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"description": "An Event Grid delivery (array or CloudEvent)."}}
+                },
+            }
+        },
+    )
     async def deliver(request: Request, background: BackgroundTasks) -> Response:
         if not _authorised(request):
-            return JSONResponse({"error": "missing or wrong Event Grid key"}, status_code=401)
+            return unauthorised()
         declared = request.headers.get("content-length")
+        too_large = f"the delivery is larger than {eg.max_body_bytes} bytes (COLSTREAM_EVENTGRID__MAX_BODY_BYTES)"
         if declared and declared.isdigit() and int(declared) > eg.max_body_bytes:
-            return JSONResponse({"error": "delivery too large"}, status_code=413)
+            return refused(413, too_large)
         raw = await request.body()
         if len(raw) > eg.max_body_bytes:
-            return JSONResponse({"error": "delivery too large"}, status_code=413)
+            return refused(413, too_large)
         try:
             events = parse_delivery(json.loads(raw))
         except (ValueError, DeliveryError) as error:
-            return JSONResponse({"error": f"not an Event Grid delivery: {error}"}, status_code=400)
+            return refused(400, f"not an Event Grid delivery: {error}")
         try:
             outcome = await run_in_threadpool(processor.process, events)
         except Exception as error:
             log.exception("eventgrid: publishing failed; Event Grid will retry")
-            return JSONResponse({"error": f"publish failed: {type(error).__name__}"}, status_code=503)
+            return refused(503, f"publish failed: {type(error).__name__}; Event Grid retries the delivery")
         if outcome.validation_response is not None:
             return JSONResponse({"validationResponse": outcome.validation_response})
         if outcome.validation_url is not None:

@@ -224,3 +224,28 @@ def test_tenant_keys_need_the_tenant_index(tmp_path: Path) -> None:
     settings = make_settings(tmp_path).updated(qdrant={"indexed_metadata": []})
     with pytest.raises(KeyConfigError, match="INDEXED_METADATA"):
         create_app(settings, store=FakeStore(), publisher=FakePublisher())
+
+
+def test_options_eventgrid_answers_json_and_its_errors_are_documented(tmp_path: Path) -> None:
+    secret = "eventgrid-secret-0123456789abcdef"
+    settings = make_settings(tmp_path).updated(eventgrid={"shared_secret": secret})
+    app = create_app(settings, store=FakeStore(), publisher=FakePublisher(), gpu_probe=lambda: False)
+    with TestClient(app) as client:
+        answered = client.options(f"/eventgrid?key={secret}", headers={"WebHook-Request-Origin": "eventgrid.azure.net"})
+        assert answered.status_code == 200 and answered.headers["content-type"] == "application/json"
+        assert answered.json() == {"allowed_methods": ["POST", "OPTIONS"], "allowed_origin": "eventgrid.azure.net"}
+        assert answered.headers["WebHook-Allowed-Origin"] == "eventgrid.azure.net"
+        refused = client.options("/eventgrid")
+        assert refused.status_code == 401 and "key" in refused.json()["detail"]
+        paths = client.get("/openapi.json").json()["paths"]
+    assert {"401", "403"} <= set(paths["/eventgrid"]["options"]["responses"])
+    assert {"400", "401", "413", "503"} <= set(paths["/eventgrid"]["post"]["responses"])
+    assert paths["/documents/{document_id}"]["get"]["parameters"][0]["schema"]["pattern"].startswith("^[A-Za-z0-9]")
+
+
+def test_a_wrong_key_never_hides_behind_a_right_one(env: Env) -> None:
+    right, wrong = KEYS["admin"][0], "not-a-configured-key-000"
+    for headers in ({"X-API-Key": wrong, "Authorization": f"Bearer {right}"},
+                    {"X-API-Key": "", "Authorization": f"Bearer {right}"},
+                    {"X-API-Key": KEYS["reader"][0], "Authorization": f"Bearer {right}"}):
+        assert env.client.get("/documents", headers=headers).status_code == 401
