@@ -370,8 +370,9 @@ class WebhookSettings(Section):
     # Plain http:// targets; off: only https, except to an explicitly listed loopback host.
     allow_http: bool = False
     # One delivery is retried with exponential backoff and jitter for at most this long,
-    # then dead-lettered with the last status.
-    retry_for_s: float = Field(default=300.0, gt=0)
+    # then dead-lettered with the last status. With timeout_s it stays inside the consumer's
+    # max.poll.interval.ms (300 s), which a rebalance waiting on a retry must not reach.
+    retry_for_s: float = Field(default=240.0, gt=0)
     backoff_initial_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
     timeout_s: float = Field(default=10.0, gt=0)

@@ -244,6 +244,13 @@ def build_webhooks(
     tunables = settings.webhooks
     if not tunables.endpoints:
         log.info("webhooks: no endpoints configured (COLSTREAM_WEBHOOKS__ENDPOINTS); events are committed unsent")
+    # A rebalance waits for the deliveries in flight (the runner settles before it gives
+    # partitions up), so one delivery's bound must stay inside the poll interval.
+    worst_s = tunables.retry_for_s + tunables.timeout_s
+    if worst_s * 1000 >= settings.kafka.max_poll_interval_ms:
+        log.warning("webhooks: retry_for_s + timeout_s (%.0fs) reaches max.poll.interval.ms (%.0fs): a rebalance "
+                    "during a long retry may cost this member its partitions", worst_s,
+                    settings.kafka.max_poll_interval_ms / 1000)
     handler = WebhooksHandler(settings, sender=sender, resolver=resolver)
     return StageRunner(
         settings,
