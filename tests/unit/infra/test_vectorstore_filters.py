@@ -1,7 +1,9 @@
-"""Metadata in page payloads and filtered search/count, on Edge and on qdrant-client's local mode."""
+"""Metadata in page payloads and filtered search/count, on Edge, on qdrant-client's local mode and
+on a real Qdrant server (skipped where no server binary or QDRANT_URL is available)."""
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +27,20 @@ def page(document_id: str, metadata: dict[str, Any], seed: int) -> PagePoint:
                      blob_uri=None, model="m", vectors=vectors, metadata=metadata)
 
 
-@pytest.fixture(params=["edge", "client-local"])
+@pytest.fixture(params=["edge", "client-local", "server"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorStore]:
     settings = QdrantSettings(path=tmp_path / "q", indexed_metadata=["tenant", "tags"])
-    opened: VectorStore = (
-        EdgeVectorStore(settings) if request.param == "edge"
-        else QdrantServerVectorStore(settings, client=QdrantClient(location=":memory:"))
-    )
+    opened: VectorStore
+    if request.param == "edge":
+        opened = EdgeVectorStore(settings)
+    elif request.param == "client-local":
+        opened = QdrantServerVectorStore(settings, client=QdrantClient(location=":memory:"))
+    else:
+        url = request.getfixturevalue("qdrant_url")
+        collection = f"filters_{uuid.uuid4().hex[:12]}"
+        opened = QdrantServerVectorStore(
+            settings.model_copy(update={"url": url, "path": None, "collection": collection})
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         opened.ensure_collections(dim=DIM)
@@ -80,3 +89,23 @@ def test_reupload_replaces_the_metadata_on_every_page(store: VectorStore) -> Non
     assert found(store, {"tenant": "globex"}) == {"g1", "a1"}
     (payload,) = store.page_payloads("a1")
     assert payload["metadata"] == {"tenant": "globex"}
+
+
+def test_a_server_indexes_the_tenant_as_the_tenant_key(request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("qdrant_url")
+    collection = f"tenant_{uuid.uuid4().hex[:12]}"
+    settings = QdrantSettings(url=url, collection=collection, indexed_metadata=["tenant", "tags"])
+    store = QdrantServerVectorStore(settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        store.ensure_collections(dim=DIM)
+    store.upsert_pages([page("a1", {"tenant": "acme"}, 1)])
+    client = QdrantClient(url=url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        alias = next(a for a in client.get_aliases().aliases if a.alias_name == settings.collection)
+        schema = client.get_collection(alias.collection_name).payload_schema
+    tenant = schema["metadata.tenant"]
+    assert tenant.params is not None and getattr(tenant.params, "is_tenant", None) is True
+    assert "metadata.tags" in schema
+    store.close()
