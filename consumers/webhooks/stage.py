@@ -208,17 +208,26 @@ class WebhooksHandler:
     async def _attempt(self, delivery: Delivery) -> AttemptResult:
         try:
             target = self.policy.check_url(delivery.endpoint.url)
-            addresses = self.policy.check_addresses(target, await self._resolve(target.host, target.port))
         except WebhookNotAllowed as exc:
             return AttemptResult(error=exc.message, refused=True)
+        try:
+            resolved = await self._resolve(target.host, target.port)
         except OSError as exc:
-            return AttemptResult(error=f"DNS lookup of {delivery.endpoint.url.split('/')[2]} failed: {exc}")
+            return AttemptResult(error=f"DNS lookup of {target.host} failed: {exc}")
+        try:
+            addresses = self.policy.check_addresses(target, resolved)
+        except WebhookNotAllowed as exc:
+            return AttemptResult(error=exc.message, refused=True)
         headers = signed_headers(delivery, datetime.now(UTC))
         try:
             status, response_headers = await self._sender(
                 target, addresses[0], headers, delivery.body, self.webhooks.timeout_s)
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
             return AttemptResult(error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        except Exception as exc:
+            # Whatever else a receiver provokes in the client is that delivery's failure, not the stage's.
+            log.warning("webhooks: unexpected client error for endpoint %d: %r", delivery.endpoint_index, exc)
+            return AttemptResult(error=f"{type(exc).__name__}: {exc}")
         return AttemptResult(
             status=status,
             retry_after_s=parse_retry_after(response_headers.get("retry-after")),

@@ -258,6 +258,29 @@ def test_one_slow_endpoint_never_delays_another(
     assert letters(broker) == []
 
 
+def test_a_name_that_does_not_resolve_is_retried_then_dead_lettered(
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers
+) -> None:
+    lookups: list[str] = []
+
+    async def failing_dns(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        raise OSError(-2, "Name or service not known")
+
+    settings = settings_for(tmp_path, [{"url": "https://a.example.com/", "secret": SECRET_A}], retry_for_s=0.2)
+    stage = Stage(build_webhooks(settings, sender=receivers, resolver=failing_dns,
+                                 consumer_factory=broker.consumer, producer_factory=broker.producer))
+    publish(broker, indexed("doc-1"))
+    try:
+        wait_until(lambda: broker.committed_offset(GROUP, INDEXED) == 1)
+    finally:
+        stage.stop()
+    [letter] = letters(broker)
+    assert letter["error_type"] == "WebhookDeliveryFailed"
+    assert "DNS lookup of a.example.com failed" in letter["message"]
+    assert len(lookups) >= 2 and receivers.requests == []
+
+
 def test_an_invalid_record_is_dead_lettered_and_committed(
     tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
 ) -> None:
