@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import resource
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from typing import Literal
 
 import olefile  # type: ignore[import-untyped]
 
-from colstream.consumers.splitter.render import DocumentError
+from colstream.consumers.splitter.render import DocumentError, DocumentKind, read_head, sniff_kind
 from colstream.infra.settings import ConverterSettings
 
 OfficeFormat = Literal["docx", "pptx", "xlsx", "odt", "odp", "ods", "doc", "ppt", "xls", "rtf", "html", "text"]
@@ -163,7 +167,10 @@ def _sniff_ole(path: Path) -> OfficeFormat | None:
 # Converting
 
 
-_FILTERS: dict[OfficeFormat, str] = {"text": 'txt:Text (encoded):UTF8', "html": "html:HTML (StarWriter)"}
+# Text is read as UTF-8 whatever the platform's locale. Every other format, HTML included, is
+# detected by LibreOffice from the file (named after the sniffed format), so it is paginated
+# exactly as a plain `soffice --convert-to pdf` paginates it.
+_FILTERS: dict[OfficeFormat, str] = {"text": "txt:Text (encoded):UTF8"}
 # Macros never run, links are never updated and external images are never fetched.
 _LOCKED_CONFIG: list[tuple[str, str, str]] = [
     ("org.openoffice.Office.Common/Security/Scripting", "MacroSecurityLevel", "3"),
@@ -201,35 +208,66 @@ def _network_isolation_available() -> bool:
 
 @dataclass
 class _Slot:
+    index: int
     profile: Path
     conversions: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ConversionStats:
+    """What one conversion cost: wall time and the converter process's peak resident memory."""
+
+    seconds: float
+    peak_rss_bytes: int
+
+
 class OfficeConverter:
-    """A pool of converter slots, each with its own LibreOffice profile; one conversion per slot at a time."""
+    """A pool of converter slots, each with its own LibreOffice user profile.
+
+    A slot runs one ``soffice`` process at a time, for one conversion; callers on other
+    threads wait for a free slot. A slot's profile is thrown away and made anew after
+    ``recycle_after`` conversions or after any failure (timeout, crash, no PDF), so a
+    profile a hostile document damaged never serves the next one.
+    """
 
     def __init__(self, settings: ConverterSettings, work_dir: Path | None = None) -> None:
         self.settings = settings
         self._root = Path(tempfile.mkdtemp(prefix="colstream-convert-", dir=work_dir))
         self._isolated = _network_isolation_available()
-        self._slots = [self._new_slot(i) for i in range(settings.processes)]
-        self._next = 0
+        self._free: queue.Queue[_Slot] = queue.Queue()
+        for index in range(settings.processes):
+            self._free.put(self._new_slot(index))
+        self._lock = threading.Lock()
         self.recycled = 0
+        self.conversions = 0
+        self.last_stats: ConversionStats | None = None
+
+    @property
+    def network_isolated(self) -> bool:
+        """True when every conversion runs in its own empty network namespace (``unshare -n``)."""
+        return self._isolated
 
     def _new_slot(self, index: int) -> _Slot:
         profile = self._root / f"profile-{index}-{os.urandom(4).hex()}"
         user = profile / "user"
         user.mkdir(parents=True)
         (user / "registrymodifications.xcu").write_text(_PROFILE_CONFIG)
-        return _Slot(profile)
+        return _Slot(index, profile)
 
-    def _recycle(self, index: int) -> None:
-        shutil.rmtree(self._slots[index].profile, ignore_errors=True)
-        self._slots[index] = self._new_slot(index)
-        self.recycled += 1
+    def _recycled(self, slot: _Slot) -> _Slot:
+        shutil.rmtree(slot.profile, ignore_errors=True)
+        with self._lock:
+            self.recycled += 1
+        return self._new_slot(slot.index)
 
     def close(self) -> None:
         shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self) -> OfficeConverter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @contextlib.contextmanager
     def to_pdf(self, path: Path, office_format: OfficeFormat) -> Iterator[Path]:
@@ -239,22 +277,26 @@ class OfficeConverter:
                 "ConverterUnavailable",
                 "LibreOffice (soffice) is not installed here, so this format cannot be converted",
             )
-        index = self._next
-        self._next = (self._next + 1) % len(self._slots)
-        slot = self._slots[index]
+        slot = self._free.get()
         out_dir = Path(tempfile.mkdtemp(dir=self._root, prefix="out-"))
         try:
             try:
                 pdf = self._run(slot, path, office_format, out_dir)
             except DocumentError:
-                self._recycle(index)
+                slot = self._recycled(slot)
                 raise
-            slot.conversions += 1
-            if slot.conversions >= self.settings.recycle_after:
-                self._recycle(index)
+            finally:
+                self._free.put(self._after_conversion(slot))
             yield pdf
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
+
+    def _after_conversion(self, slot: _Slot) -> _Slot:
+        """The slot to put back: counted, and recycled once it has served ``recycle_after`` conversions."""
+        slot.conversions += 1
+        with self._lock:
+            self.conversions += 1
+        return self._recycled(slot) if slot.conversions >= self.settings.recycle_after else slot
 
     def _command(self, slot: _Slot, source: Path, office_format: OfficeFormat, out_dir: Path) -> list[str]:
         command = [
@@ -275,21 +317,65 @@ class OfficeConverter:
         def limit_memory() -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            self._command(slot, source, office_format, out_dir), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=limit_memory, start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                self._command(slot, source, office_format, out_dir), capture_output=True,
-                timeout=self.settings.timeout_s, preexec_fn=limit_memory, start_new_session=True, check=False,
-            )
+            _, stderr = proc.communicate(timeout=self.settings.timeout_s)
         except subprocess.TimeoutExpired:
             raise ConversionTimeout(
                 "ConversionTimeout",
                 f"converting the document took longer than {self.settings.timeout_s:g}s and was abandoned",
             ) from None
+        finally:
+            # soffice is a launcher: the converting process is a grandchild. The whole
+            # process group goes, whatever happened.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.last_stats = ConversionStats(time.monotonic() - started, usage.ru_maxrss * 1024)
         pdf = out_dir / "document.pdf"
         if proc.returncode != 0 or not pdf.exists() or pdf.stat().st_size == 0:
-            lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            lines = stderr.decode("utf-8", "replace").strip().splitlines()
             detail = lines[-1:] or [f"exit code {proc.returncode}"]
             raise ConversionFailed(
                 "ConversionFailed", f"LibreOffice could not convert the {office_format} document to PDF: {detail[0]}"
             )
         return pdf
+
+
+# ---------------------------------------------------------------------------
+# From an uploaded file to something the PDF/image path renders
+
+
+@contextlib.contextmanager
+def renderable(
+    path: Path, content_type: str | None, filename: str | None, converter: OfficeConverter | None
+) -> Iterator[tuple[Path, DocumentKind]]:
+    """The file the render path opens and its kind: ``path`` itself for a PDF or an image,
+    else the PDF LibreOffice exports from an Office, HTML or text document (removed when the
+    block ends). The bytes decide; ``content_type`` and ``filename`` only colour messages.
+
+    Raises :class:`DocumentError`: ``UnsupportedFormat`` when the content is none of these
+    (or no ``converter`` is given), the sniffing refusals, or a conversion failure.
+    """
+    office_format: OfficeFormat | None = None
+    try:
+        kind = sniff_kind(read_head(path), content_type, filename)
+    except DocumentError as refused:
+        if refused.error_type != "UnsupportedFormat" or converter is None:
+            raise
+        office_format = sniff_office_format(path, converter.settings)
+        if office_format is None:
+            raise
+    if office_format is None:
+        yield path, kind
+        return
+    assert converter is not None
+    with converter.to_pdf(path, office_format) as pdf:
+        yield pdf, "pdf"

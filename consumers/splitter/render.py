@@ -155,7 +155,10 @@ def _describe_unknown(head: bytes) -> str:
     return "an unrecognised format"
 
 
-SUPPORTED_FORMATS_HINT = "upload a PDF or a PNG, JPEG, TIFF, WebP, BMP or GIF image"
+SUPPORTED_FORMATS_HINT = (
+    "upload a PDF, a PNG, JPEG, TIFF, WebP, BMP or GIF image, or an Office (DOCX, DOC, ODT, RTF, "
+    "PPTX, PPT, ODP, XLSX, XLS, ODS), HTML, text or Markdown document"
+)
 
 
 def sniff_kind(head: bytes, content_type: str | None = None, filename: str | None = None) -> DocumentKind:

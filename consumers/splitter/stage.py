@@ -2,7 +2,8 @@
 
 Walk of one upload: the record's offset becomes the document's *version*; the
 blob is streamed to a bounded temp file; the content (never the name) decides
-PDF or image; worker processes render each page at the size the configured
+PDF, image, or an Office/HTML/text document that LibreOffice converts to PDF first
+(:mod:`.convert`: sandboxed, time- and memory-limited); worker processes render each page at the size the configured
 model consumes; every page is published the moment it is rendered, so a
 1,000-page PDF never sits in memory. A tombstone becomes a DocumentDeleted in
 the same partition order as the pages, and reaches the sink that way.
@@ -16,9 +17,11 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from colstream.consumers.splitter.render import DocumentError, RenderedPage, sniff_kind
+from colstream.consumers.splitter.convert import OfficeConverter, renderable
+from colstream.consumers.splitter.render import DocumentError, RenderedPage
 from colstream.consumers.splitter.workers import PageFailure, StreamingRenderer
 from colstream.embedding.profile import RenderTarget, render_target_for
+from colstream.infra.blob_names import claim_blob_dir
 from colstream.infra.blobstore import BlobError, BlobStore, open_blob_store
 from colstream.infra.kafka import OutRecord
 from colstream.infra.settings import ColstreamSettings
@@ -49,12 +52,15 @@ class SplitterHandler:
         blob_store: BlobStore,
         renderer: StreamingRenderer,
         target: RenderTarget,
+        converter: OfficeConverter | None = None,
     ) -> None:
+        """Without ``converter``, Office/HTML/text documents are refused as ``UnsupportedFormat``."""
         self.settings = settings
         self.topics = settings.topics
         self.blob_store = blob_store
         self.renderer = renderer
         self.target = target
+        self.converter = converter
         self.failures = StageFailures(STAGE, self.topics.dlq)
         # One document at a time keeps pages in partition order; the parallelism
         # is in the render worker processes.
@@ -66,6 +72,8 @@ class SplitterHandler:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.renderer.close()
+        if self.converter is not None:
+            self.converter.close()
 
     def _split_all(self, records: list[RawRecord], emit: Emit) -> list[OutRecord]:
         for record in records:
@@ -101,10 +109,10 @@ class SplitterHandler:
 
     def _render(self, ref: DocumentRef, content_type: str | None, record: RawRecord, emit: Emit) -> None:
         assert ref.blob_uri is not None
-        with self.blob_store.download(ref.blob_uri, self.settings.limits.max_blob_bytes) as path:
-            with open(path, "rb") as fh:
-                head = fh.read(4096)
-            kind = sniff_kind(head, content_type, ref.filename)
+        with (
+            self.blob_store.download(ref.blob_uri, self.settings.limits.max_blob_bytes) as blob,
+            renderable(blob, content_type, ref.filename, self.converter) as (path, kind),
+        ):
             # Opened in a render worker: a file that hangs or crashes PDFium costs that worker only.
             info = self.renderer.inspect(path, kind)
             for result in self.renderer.render_document(path, kind, info.page_count, self.target):
@@ -123,7 +131,8 @@ class SplitterHandler:
         else:
             # Claim check: too big for the topic, so the bytes go to blob storage and
             # the event carries the reference.
-            name = f"claims/{ref.document_id}/v{ref.version}/page-{page.page_number}.{page.image_format}"
+            # Per document and version, in names that fit any file system (infra/blob_names.py).
+            name = f"{claim_blob_dir(ref.document_id, ref.version)}/page-{page.page_number}.{page.image_format}"
             image_ref = self.blob_store.put_bytes(name, page.data, content_type=f"image/{page.image_format}")
         task = PageTask(
             document=ref,
@@ -164,6 +173,7 @@ def build_splitter(settings: ColstreamSettings, **runner_options: Any) -> StageR
         blob_store=open_blob_store(settings),
         renderer=StreamingRenderer(processes=tunables.render_processes, limits=settings.limits),
         target=render_target_for(settings.model),
+        converter=OfficeConverter(settings.converter),
     )
     return StageRunner(
         settings,

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from colstream.consumers.splitter.convert import OfficeConverter
 from colstream.consumers.splitter.render import (
     JPEG_MAX_SIDE,
     DocumentError,
@@ -22,14 +23,22 @@ from colstream.consumers.splitter.render import (
     RenderedPage,
     fit_size,
     open_document,
-    read_head,
     render_page,
     sniff_kind,
 )
 from colstream.consumers.splitter.workers import StreamingRenderer
-from colstream.infra.settings import LimitSettings
+from colstream.infra.settings import ConverterSettings, LimitSettings
 from tests.fixtures import docs, faults
-from tests.fixtures.corpus import CorpusCase, DeadLettered, Indexed, build_corpus, observed_outcome
+from tests.fixtures.corpus import (
+    MACRO_MARKER,
+    CorpusCase,
+    DeadLettered,
+    Indexed,
+    Prepared,
+    build_corpus,
+    observed_outcome,
+    prepare_corpus,
+)
 
 COLQWEN2 = PlainTarget(max_pixels=768 * 28 * 28)
 COLPALI = PlainTarget(min_side=448)
@@ -39,6 +48,13 @@ LIMITS = LimitSettings()
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[CorpusCase]:
     return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus: list[CorpusCase], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Prepared]:
+    """Each case as the splitter hands it to the render path (Office files converted once)."""
+    with OfficeConverter(ConverterSettings(timeout_s=30)) as converter:
+        return prepare_corpus(corpus, converter, tmp_path_factory.mktemp("converted"))
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +69,16 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def _in_process_outcome(case: CorpusCase, target: PlainTarget) -> Indexed | DeadLettered:
+def _in_process_outcome(ready: Prepared, target: PlainTarget) -> Indexed | DeadLettered:
     results: list[RenderedPage | PageFailure] = []
     try:
-        kind = sniff_kind(read_head(case.data_path), case.content_type, case.filename)
-        info = open_document(case.data_path, kind, LIMITS)
+        if isinstance(ready, DocumentError):
+            raise ready
+        path, kind = ready
+        info = open_document(path, kind, LIMITS)
         for page_number in range(1, info.page_count + 1):
             try:
-                results.append(render_page(case.data_path, kind, page_number, target, LIMITS))
+                results.append(render_page(path, kind, page_number, target, LIMITS))
             except PageError as exc:
                 results.append(PageFailure(page_number, exc.error_type, exc.message))
     except DocumentError as exc:
@@ -72,7 +90,7 @@ def _in_process_outcome(case: CorpusCase, target: PlainTarget) -> Indexed | Dead
 
 
 def test_corpus_is_big_and_covers_both_outcomes(corpus: list[CorpusCase]) -> None:
-    assert len(corpus) >= 40
+    assert len(corpus) >= 60
     assert len({c.name for c in corpus}) == len(corpus)
     dead = {c.expected.error_type for c in corpus if isinstance(c.expected, DeadLettered)}
     assert {
@@ -84,31 +102,44 @@ def test_corpus_is_big_and_covers_both_outcomes(corpus: list[CorpusCase]) -> Non
         "TooManyPages",
         "ImageTooLarge",
         "BrokenImage",
+        "ArchiveTooLarge",
+        "ConversionFailed",
+        "ConversionTimeout",
     } <= dead
     assert any(isinstance(c.expected, Indexed) and c.expected.failed_pages for c in corpus)
 
 
 @pytest.mark.parametrize("target", [COLQWEN2, COLPALI], ids=["colqwen2", "colpali"])
-def test_each_corpus_case_gets_its_expected_outcome_in_process(corpus: list[CorpusCase], target: PlainTarget) -> None:
+def test_each_corpus_case_gets_its_expected_outcome_in_process(
+    corpus: list[CorpusCase], prepared: dict[str, Prepared], target: PlainTarget
+) -> None:
     mismatches = {
         case.name: (outcome, case.expected)
         for case in corpus
-        if (outcome := _in_process_outcome(case, target)) != case.expected
+        if (outcome := _in_process_outcome(prepared[case.name], target)) != case.expected
     }
     assert mismatches == {}
 
 
+def test_no_macro_of_the_corpus_ran(corpus: list[CorpusCase], prepared: dict[str, Prepared]) -> None:
+    assert any(case.name == "odt_macro" for case in corpus) and not isinstance(prepared["odt_macro"], DocumentError)
+    assert not (corpus[0].data_path.parent / MACRO_MARKER).exists()
+
+
 def test_each_corpus_case_gets_its_expected_outcome_through_worker_processes(
-    corpus: list[CorpusCase], renderer: StreamingRenderer
+    corpus: list[CorpusCase], prepared: dict[str, Prepared], renderer: StreamingRenderer
 ) -> None:
     mismatches = {}
     for case in corpus:
         results: list[RenderedPage | PageFailure] = []
         error = None
         try:
-            kind = sniff_kind(read_head(case.data_path), case.content_type, case.filename)
-            info = renderer.inspect(case.data_path, kind)
-            results = list(renderer.render_document(case.data_path, kind, info.page_count, COLQWEN2))
+            ready = prepared[case.name]
+            if isinstance(ready, DocumentError):
+                raise ready
+            path, kind = ready
+            info = renderer.inspect(path, kind)
+            results = list(renderer.render_document(path, kind, info.page_count, COLQWEN2))
             assert [r.page_number for r in results] == list(range(1, info.page_count + 1))
         except DocumentError as exc:
             error = exc
@@ -120,14 +151,18 @@ def test_each_corpus_case_gets_its_expected_outcome_through_worker_processes(
     assert renderer.workers_replaced == 0
 
 
-def test_document_errors_carry_an_actionable_message(corpus: list[CorpusCase]) -> None:
+def test_document_errors_carry_an_actionable_message(
+    corpus: list[CorpusCase], prepared: dict[str, Prepared]
+) -> None:
     refused = 0
     for case in corpus:
         if not isinstance(case.expected, DeadLettered):
             continue
         try:
-            kind = sniff_kind(read_head(case.data_path), case.content_type, case.filename)
-            open_document(case.data_path, kind, LIMITS)
+            ready = prepared[case.name]
+            if isinstance(ready, DocumentError):
+                raise ready
+            open_document(*ready, LIMITS)
         except DocumentError as exc:
             refused += 1
             assert exc.error_type == case.expected.error_type
