@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything colstream needs on a fresh machine, idempotently:
-# a Python 3.11 virtualenv with the project (torch comes in through colpali-engine's
-# resolver, which picks a matched torch/torchvision pair) and kcat for the tests.
+# a Python 3.11 virtualenv with exactly the versions in requirements-dev.lock and the
+# project itself, and kcat for the tests.
 # Kafka (Maven) and Azurite (npm) are fetched on first use by colstream itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +12,15 @@ fi
 if [ ! -x .venv/bin/python ]; then
   uv venv -q .venv --python 3.11
 fi
-if ! .venv/bin/python -c "import colstream.infra.settings, colpali_engine, qdrant_edge, pytest, selenium, standardwebhooks" >/dev/null 2>&1; then
-  echo "bootstrap: installing colstream and its dependencies into .venv (torch is large: a few minutes)"
-  uv pip install -q --python .venv/bin/python -e ".[dev]"
+# Exactly the locked versions (hashes checked), then colstream itself without resolving
+# anything: CI, a developer and the images get the same set. scripts/lock.sh refreshes it.
+lock_stamp="$(cat requirements-dev.lock pyproject.toml | sha256sum | cut -c1-64)"
+if [ "$(cat .venv/.colstream-lock 2>/dev/null)" != "$lock_stamp" ] \
+   || ! .venv/bin/python -c "import colstream.infra.settings, colpali_engine, qdrant_edge, pytest, selenium, standardwebhooks" >/dev/null 2>&1; then
+  echo "bootstrap: installing the locked dependencies into .venv (torch is large: a few minutes)"
+  uv pip sync -q --python .venv/bin/python --require-hashes requirements-dev.lock
+  uv pip install -q --python .venv/bin/python --no-deps -e .
+  echo "$lock_stamp" > .venv/.colstream-lock
 fi
 if ! command -v kcat >/dev/null 2>&1; then
   echo "bootstrap: installing kcat (Debian package)"

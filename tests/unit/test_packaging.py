@@ -57,3 +57,38 @@ def test_the_demo_finds_its_samples_inside_an_installed_wheel(wheel: Path, tmp_p
     assert shipped == in_repo
     # cli/demo.py looks two folders up from itself: colstream/cli/demo.py -> colstream/samples.
     assert (site / "colstream" / "cli" / "demo.py").resolve().parent.parent / "samples" == demo_samples
+
+
+def _locked_versions(lock: Path) -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    for line in lock.read_text().splitlines():
+        if line and not line[0].isspace() and not line.startswith("#") and "==" in line:
+            name, version = line.split(" ", 1)[0].split("==", 1)
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _requirements(extra: str | None) -> list[str]:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return list(project["dependencies"]) + (list(project["optional-dependencies"][extra]) if extra else [])
+
+
+@pytest.mark.parametrize(("lock", "extra"), [("requirements.lock", None), ("requirements-dev.lock", "dev")])
+def test_the_lock_files_pin_every_requirement_within_its_range(lock: str, extra: str | None) -> None:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = _locked_versions(REPO / lock)
+    for line in _requirements(extra):
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"python_version": "3.11"}):
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not in {lock}: run scripts/lock.sh"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{lock} pins {name}=={pins[name]}, outside {requirement.specifier}: run scripts/lock.sh"
+        )
