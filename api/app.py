@@ -105,19 +105,45 @@ KafkaProbe = Callable[[], bool]
 # ----------------------------------------------------------------------------- context
 
 
+@dataclass(frozen=True)
+class ServingIndex:
+    """The index reads come from and the model that embeds queries for it: one pair, so a
+    search embeds and searches with the same model even while a migration switches them."""
+
+    store: Lazy[RecordStoreLike]
+    model: Lazy[EmbedderLike]
+
+
 @dataclass
 class ApiContext:
     settings: ColstreamSettings
-    store: Lazy[RecordStoreLike]
+    serving: ServingIndex
     publisher: Lazy[PublisherLike]
     blob_store: Lazy[BlobWriterLike]
-    model: Lazy[EmbedderLike]
     stage_stats: StageStats | None
     kafka_probe: KafkaProbe
     poll_interval_s: float
     # One inference at a time: concurrent forwards only fight over the same cores / GPU memory.
     # A thread lock, taken inside the worker thread, works whatever event loop serves the request.
     model_lock: threading.Lock
+    model_loader: ModelLoader | None = None
+
+    @property
+    def store(self) -> Lazy[RecordStoreLike]:
+        return self.serving.store
+
+    @property
+    def model(self) -> Lazy[EmbedderLike]:
+        return self.serving.model
+
+    def switch_serving(self, store: RecordStoreLike, model_settings: ModelSettings) -> None:
+        """Serve ``store`` with the model ``model_settings`` load (a migration's cutover): the
+        model is loaded first, then both are swapped in one assignment. Searches under way
+        finish on the pair they started with."""
+        loader = self.model_loader or _default_model_loader
+        model: Lazy[EmbedderLike] = Lazy(lambda: loader(model_settings))
+        model.get()
+        self.serving = ServingIndex(store=Lazy(lambda: store, given=store), model=model)
 
     async def run_model(self, call: Callable[..., T], *args: Any) -> T:
         def locked() -> T:
@@ -140,9 +166,9 @@ class ApiContext:
         records: dict[str, DocumentRecord] = await self.call_store("get_records", [document_id])
         return records.get(document_id)
 
-    async def get_model(self) -> EmbedderLike:
+    async def get_model(self, serving: ServingIndex | None = None) -> EmbedderLike:
         try:
-            return await run_in_threadpool(self.model.get)
+            return await run_in_threadpool((serving or self.serving).model.get)
         except Exception as exc:
             log.exception("model load failed")
             raise HTTPException(503, f"embedding model unavailable: {public_reason(exc)}") from exc
@@ -232,6 +258,7 @@ def create_app(
     poll_interval_s: float = 0.25,
     mount_eventgrid: bool = True,
     gpu_probe: Callable[[], bool] | None = None,
+    migrations: Any = None,
 ) -> FastAPI:
     """Build the API. Every dependency not passed in is opened from ``settings`` on first use.
 
@@ -241,16 +268,18 @@ def create_app(
     require: Require = authenticator.require
     loader = model_loader or _default_model_loader
     publisher_lazy: Lazy[PublisherLike] = Lazy(lambda: _default_publisher(settings), given=publisher)
+    store_lazy: Lazy[RecordStoreLike] = Lazy(lambda: _default_store(settings), given=store)
+    model_lazy: Lazy[EmbedderLike] = Lazy(lambda: loader(_serving_model_settings(settings, store_lazy)))
     ctx = ApiContext(
         settings=settings,
-        store=Lazy(lambda: _default_store(settings), given=store),
+        serving=ServingIndex(store=store_lazy, model=model_lazy),
         publisher=publisher_lazy,
         blob_store=Lazy(lambda: _default_blob_store(settings), given=blob_store),
-        model=Lazy(lambda: loader(_serving_model_settings(settings, ctx.store))),
         stage_stats=stage_stats,
         kafka_probe=kafka_probe or _default_kafka_probe(publisher_lazy),
         poll_interval_s=poll_interval_s,
         model_lock=threading.Lock(),
+        model_loader=loader,
     )
 
     @asynccontextmanager
@@ -291,6 +320,12 @@ def create_app(
     app.include_router(build_search_router(ctx, require))
     if mount_eventgrid:
         _mount_eventgrid(app, settings, ctx)
+    if migrations is not None:
+        # `run all`'s migrations (admin scope): the commands of `colstream migrate`.
+        from colstream.api.migration import build_migration_router
+
+        app.include_router(build_migration_router(migrations, require))
+        migrations.attach_api(ctx.switch_serving)
     return app
 
 

@@ -24,7 +24,7 @@ from colstream.api.tenancy import check_filter_keys, scoped_filter
 from colstream.infra.vectorstore import METADATA_PAYLOAD_KEY, UnknownFilterKey
 
 if TYPE_CHECKING:
-    from colstream.api.app import ApiContext
+    from colstream.api.app import ApiContext, ServingIndex
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,10 @@ def to_result(score: float, payload: dict[str, Any]) -> SearchResult | None:
 def build_search_router(ctx: ApiContext, require: Callable[[str], Any]) -> APIRouter:
     router = APIRouter(tags=["search"], responses=_ERRORS)
 
-    async def embed_query(text: str) -> tuple[EmbedderLike, np.ndarray]:
+    async def embed_query(text: str, serving: ServingIndex) -> tuple[EmbedderLike, np.ndarray]:
         if not text.strip():
             raise HTTPException(400, "query text is empty; send the words to search for")
-        model = await ctx.get_model()
+        model = await ctx.get_model(serving)
         (vectors,) = await ctx.run_model(model.embed_queries, [text])
         return model, finite_rows(vectors)
 
@@ -66,9 +66,11 @@ def build_search_router(ctx: ApiContext, require: Callable[[str], Any]) -> APIRo
     async def search(request: SearchRequest, principal: Principal = Depends(require("read"))) -> SearchResponse:
         filter_ = scoped_filter(principal, request.filter)
         check_filter_keys(ctx.settings, filter_)
-        model, vectors = await embed_query(request.query)
+        # One index and its model for the whole search, even across a migration's cutover.
+        serving = ctx.serving
+        model, vectors = await embed_query(request.query, serving)
         try:
-            store = await run_in_threadpool(ctx.store.get)
+            store = await run_in_threadpool(serving.store.get)
             hits = await run_in_threadpool(
                 lambda: store.search(vectors, request.top_k, request.document_id, filter=filter_)
             )

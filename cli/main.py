@@ -303,12 +303,13 @@ def models(
 
 
 def _register_modules() -> None:
-    from colstream.cli import demo, doctor, ops, search
+    from colstream.cli import demo, doctor, migrate, ops, search
 
     demo.register(app)
     ops.register(app)
     doctor.register(app)
     search.register(app)
+    migrate.register(app)
 
 
 _register_modules()

@@ -180,7 +180,7 @@ def start_pipeline(
     settings = resolve_broker(settings, start=True)
     ensure_topics(settings)
     if store is None:
-        store = open_vector_store(settings.qdrant)
+        store = _migrating_source_store(settings) or open_vector_store(settings.qdrant)
     store.ensure_collections()
     threads = StageThreads()
     for name in stages:
@@ -188,11 +188,37 @@ def start_pipeline(
     return Pipeline(settings=settings, store=store, stages=threads)
 
 
+def _migrating_source_store(settings: ColstreamSettings) -> VectorStore | None:
+    """While a migration is active the serving pipeline writes the source index by name: the
+    alias moves to the target at cutover (colstream.migration). None: follow the alias."""
+    if settings.qdrant.url:
+        return None
+    from colstream.migration.core import FileStateStore, pipeline_index, state_file
+    from colstream.migration.embedded import EdgeIndexAdmin
+
+    source = pipeline_index(FileStateStore(state_file(settings)).load())
+    return EdgeIndexAdmin(settings.qdrant).open(source) if source is not None else None
+
+
+def start_migrations(pipeline: Pipeline) -> Any:
+    """The migration runtime of ``run all`` on the embedded store (None on a Qdrant server,
+    where migrations run as Kubernetes Jobs); resumes a migration the state file records."""
+    if pipeline.settings.qdrant.url:
+        return None
+    from colstream.migration.embedded import EmbeddedMigrations
+
+    migrations = EmbeddedMigrations(pipeline)
+    migrations.resume()
+    pipeline.on_stop.append(migrations.close)
+    return migrations
+
+
 # -- API ------------------------------------------------------------------------------
 def api_server(
     settings: ColstreamSettings,
     store: VectorStore | None = None,
     stage_stats: Callable[[], dict[str, object]] | None = None,
+    migrations: Any = None,
 ) -> uvicorn.Server:
     import uvicorn
 
@@ -201,7 +227,7 @@ def api_server(
 
     # Refuses to start before anything listens: a non-loopback bind needs keys.
     host = bind_host(settings.api, KeyRing.from_settings(settings.api))
-    app = create_app(settings, store=store, stage_stats=stage_stats)
+    app = create_app(settings, store=store, stage_stats=stage_stats, migrations=migrations)
     mount_observability(app)
     # log_config=None: uvicorn's error and access logs go through colstream's one handler
     # (infra/logs.py), in the same JSON or text format as every other line.
@@ -256,10 +282,11 @@ def serve_api_in_thread(
     settings: ColstreamSettings,
     store: VectorStore | None = None,
     stage_stats: Callable[[], dict[str, object]] | None = None,
+    migrations: Any = None,
 ) -> uvicorn.Server:
     """Serve the API from a daemon thread; set ``should_exit`` on the result to stop it.
     uvicorn leaves signal handling to the main thread when it runs in another one."""
-    server = api_server(settings, store, stage_stats)
+    server = api_server(settings, store, stage_stats, migrations)
     threading.Thread(target=server.run, name="api", daemon=True).start()
     return server
 
@@ -339,8 +366,10 @@ def run_all(settings: ColstreamSettings, with_api: bool = True) -> int:
     settings = pipeline.settings
     probe = PagesPendingProbe(settings, "all").start()
     pipeline.on_stop.append(probe.stop)
+    migrations = start_migrations(pipeline)
     if with_api:
-        server = serve_api_in_thread(settings, store=pipeline.store, stage_stats=pipeline.stages.stats)
+        server = serve_api_in_thread(settings, store=pipeline.store, stage_stats=pipeline.stages.stats,
+                                     migrations=migrations)
         pipeline.on_stop.append(lambda: setattr(server, "should_exit", True))
         print(f"colstream: pipeline running; API on http://{settings.api.host}:{settings.api.port} "
               "(GET /health, /documents, /metrics, /livez, /readyz). Ctrl-C to stop.", flush=True)

@@ -5,9 +5,11 @@ and ``<path>/colstream_aliases.json`` maps an alias (``settings.collection``) to
 directory of the model's index (``<alias>--<model>--<digest>``, see
 :func:`~colstream.infra.vectorstore.index_collection_name`). A shard directory named
 like the alias itself is an index made before aliases existed and is used as it is.
-``<path>/<records_collection>`` holds the per-document records. The index's model
-and layout live in ``colstream_layout.json`` inside its directory. Edge locks a
-shard's WAL: one process at a time per directory.
+``<path>/<records_collection>`` holds the per-document records. The index's model,
+layout and the name of its records collection live in ``colstream_layout.json``
+inside its directory: an index created by a migration has records of its own
+(``<records_collection>--<index>``), so each index's latest-wins state stays its own.
+Edge locks a shard's WAL: one process at a time per directory.
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ _LEGACY_SAMPLE = 256
 class EdgeVectorStore:
     backend = "qdrant-edge"
 
-    def __init__(self, settings: QdrantSettings) -> None:
+    def __init__(self, settings: QdrantSettings, *, index: str | None = None, records: str | None = None) -> None:
+        """``index`` pins the store to that index directory instead of the one the alias
+        points at (a migration writes its target this way); it is created there and the
+        alias is left alone. ``records`` names the records collection of a new index."""
         if settings.quantization != "none":
             # Refused rather than ignored: a setting that silently does nothing misleads sizing.
             raise ValueError(
@@ -71,14 +76,18 @@ class EdgeVectorStore:
         self._settings = settings
         self._root = Path(settings.path)
         self._alias = settings.collection
-        self._records_dir = self._root / settings.records_collection
+        self._pinned = index is not None
         self._pages: edge.EdgeShard | None = None
         self._records: edge.EdgeShard | None = None
         self._layout: PagesLayout | None = None
         self._model: IndexModel | None = None
         # Edge calls are thread-safe, but open/close must not race a write.
         self._lock = threading.RLock()
-        self._pages_dir = self._resolve_alias()
+        self._pages_dir = self._root / index if index is not None else self._resolve_alias()
+        # Each index has its own per-document records (recorded in its sidecar); an index
+        # that records none uses the configured records collection.
+        self._records_name = _records_on_disk(self._pages_dir) or records or settings.records_collection
+        self._records_dir = self._root / self._records_name
         if _has_shard(self._pages_dir):
             self._layout = _layout_on_disk(self._pages_dir)
             self._model = _model_on_disk(self._pages_dir)
@@ -100,6 +109,10 @@ class EdgeVectorStore:
     def index_name(self) -> str:
         return self._pages_dir.name
 
+    @property
+    def records_name(self) -> str:
+        return self._records_name
+
     def ensure_collections(self, dim: int | None = None, model: IndexModel | None = None) -> None:
         with self._lock:
             wanted_model = model or (IndexModel.unspecified(dim) if dim is not None else None)
@@ -108,7 +121,8 @@ class EdgeVectorStore:
                 return
             wanted = pages_layout(self._settings, wanted_model.dim)
             if self._pages is None or self._layout is None:
-                self._pages_dir = self._root / index_collection_name(self._alias, wanted_model)
+                if not self._pinned:
+                    self._pages_dir = self._root / index_collection_name(self._alias, wanted_model)
                 if _has_shard(self._pages_dir):  # the index exists, only the alias was lost
                     self._pages = _load(self._pages_dir, None)
                     self._layout = _layout_on_disk(self._pages_dir)
@@ -117,9 +131,10 @@ class EdgeVectorStore:
                     self._pages = _create(self._pages_dir, _pages_config(wanted))
                     # Written after the shard: a crash in between leaves a shard whose layout
                     # _layout_on_disk can still derive from edge_config.json.
-                    _write_sidecar(self._pages_dir, wanted, wanted_model)
+                    _write_sidecar(self._pages_dir, wanted, wanted_model, self._records_name)
                     self._layout, self._model = wanted, wanted_model
-                _write_alias(self._root, self._alias, self._pages_dir.name)
+                if not self._pinned:
+                    _write_alias(self._root, self._alias, self._pages_dir.name)
             where = f"index {self._alias!r} (shard {self._pages_dir})"
             recorded = self._model
             page_models = set() if recorded is not None else self._sample_page_models()
@@ -128,7 +143,7 @@ class EdgeVectorStore:
             self._layout.check_compatible(wanted, where)
             if recorded is None:
                 # An index from before models were recorded, written by this model only.
-                _write_sidecar(self._pages_dir, self._layout, self._model)
+                _write_sidecar(self._pages_dir, self._layout, self._model, self._records_name)
             _ensure_index(self._pages, "document_id", edge.PayloadSchemaType.Keyword)
             _ensure_index(self._pages, "version", edge.PayloadSchemaType.Integer)
             for key in self._settings.indexed_metadata:
@@ -354,8 +369,44 @@ def _model_on_disk(directory: Path) -> IndexModel | None:
     return IndexModel.from_dict(recorded) if isinstance(recorded, dict) else None
 
 
-def _write_sidecar(directory: Path, layout: PagesLayout, model: IndexModel) -> None:
-    _write_json_atomically(directory / _LAYOUT_FILE, {**layout.as_dict(), "model": model.as_dict()})
+def _write_sidecar(directory: Path, layout: PagesLayout, model: IndexModel, records: str) -> None:
+    _write_json_atomically(
+        directory / _LAYOUT_FILE, {**layout.as_dict(), "model": model.as_dict(), "records_collection": records}
+    )
+
+
+def _records_on_disk(directory: Path) -> str | None:
+    try:
+        recorded = json.loads((directory / _LAYOUT_FILE).read_text()).get("records_collection")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, str) and recorded else None
+
+
+# -- index administration (migrations); close the store holding an index first -------------
+def aliases(settings: QdrantSettings) -> dict[str, str]:
+    """Alias -> index directory name, as recorded under ``settings.path``."""
+    return _read_aliases(Path(settings.path))
+
+
+def point_alias(settings: QdrantSettings, index: str) -> None:
+    """Point the alias ``settings.collection`` at ``index`` (one atomic file replace)."""
+    if not _has_shard(Path(settings.path) / index):
+        raise RuntimeError(f"no index {index!r} under {settings.path}")
+    _write_alias(Path(settings.path), settings.collection, index)
+
+
+def drop_index(settings: QdrantSettings, index: str, records: str | None) -> None:
+    """Remove an index directory and its records collection; the alias must point elsewhere."""
+    import shutil
+
+    root = Path(settings.path)
+    if _read_aliases(root).get(settings.collection) == index:
+        raise RuntimeError(f"index {index!r} is what alias {settings.collection!r} serves; point it elsewhere first")
+    for name in (index, records):
+        target = root / name if name else None
+        if target is not None and target.is_dir() and target.resolve().parent == root.resolve():
+            shutil.rmtree(target)
 
 
 def _read_aliases(root: Path) -> dict[str, str]:
