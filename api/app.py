@@ -311,7 +311,7 @@ def create_app(
     async def _rejected(_: Request, exc: RejectedInput) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.message})
 
-    app.include_router(_health_router(ctx, gpu_probe or _cuda_available))
+    app.include_router(_health_router(ctx, gpu_probe or _cuda_available, authenticator))
     # Before the documents router: /documents/{id}/pages/{n}/image is more specific than /documents/{id}.
     app.include_router(build_console_router(ctx, require))
     app.include_router(_documents_router(ctx, require))
@@ -392,7 +392,7 @@ def _cuda_available() -> bool:
     return _gpu[0]
 
 
-def _health_router(ctx: ApiContext, gpu_probe: Callable[[], bool]) -> APIRouter:
+def _health_router(ctx: ApiContext, gpu_probe: Callable[[], bool], authenticator: Authenticator) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     def qdrant_reachable() -> bool:
@@ -403,12 +403,14 @@ def _health_router(ctx: ApiContext, gpu_probe: Callable[[], bool]) -> APIRouter:
             return False
 
     @router.get("/health", response_model=HealthResponse)
-    async def health() -> HealthResponse:
+    async def health(request: Request) -> HealthResponse:
         kafka_ok, qdrant_ok, gpu = await asyncio.gather(
             run_in_threadpool(ctx.kafka_probe), run_in_threadpool(qdrant_reachable), run_in_threadpool(gpu_probe)
         )
         model = ctx.model.peek()
-        stages = await run_in_threadpool(ctx.stage_stats) if ctx.stage_stats else None
+        # Open for probes; the stages' counters and errors only for a valid key.
+        insider = authenticator.optional(request) is not None
+        stages = await run_in_threadpool(ctx.stage_stats) if ctx.stage_stats and insider else None
         return HealthResponse(
             status="healthy" if kafka_ok and qdrant_ok else "degraded",
             kafka_connected=kafka_ok,

@@ -239,6 +239,18 @@ class Authenticator:
         assert principal is not None
         return principal
 
+    def optional(self, request: Request) -> Principal | None:
+        """The caller when it presented a valid key (or no keys are configured), else None."""
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        bearer = None
+        if scheme.lower() == "bearer" and token:
+            bearer = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
+        try:
+            return self.principal(request, request.headers.get("x-api-key"), bearer)
+        except HTTPException:
+            return None
+
     def require(self, scope: ApiScope) -> Dependency:
         async def dependency(
             request: Request,

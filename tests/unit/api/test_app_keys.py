@@ -249,3 +249,15 @@ def test_a_wrong_key_never_hides_behind_a_right_one(env: Env) -> None:
                     {"X-API-Key": "", "Authorization": f"Bearer {right}"},
                     {"X-API-Key": KEYS["reader"][0], "Authorization": f"Bearer {right}"}):
         assert env.client.get("/documents", headers=headers).status_code == 401
+
+
+def test_health_shows_stage_details_only_to_a_valid_key(tmp_path: Path) -> None:
+    app = create_app(make_settings(tmp_path), store=FakeStore(), publisher=FakePublisher(), gpu_probe=lambda: False,
+                     stage_stats=lambda: {"sink": {"error": "RuntimeError('/var/secret/path')"}}, mount_eventgrid=False)
+    with TestClient(app) as client:
+        anonymous = client.get("/health")
+        assert anonymous.status_code == 200 and anonymous.json()["stages"] is None
+        assert client.get("/health", headers={"X-API-Key": "not-a-configured-key-000"}).json()["stages"] is None
+        assert client.get("/health", headers=auth("reader")).json()["stages"] == {
+            "sink": {"error": "RuntimeError('/var/secret/path')"}
+        }
