@@ -6,7 +6,6 @@ so ``--json`` output stays parseable. Spinners and bars draw only on a terminal.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn, TypeVar
@@ -80,9 +79,8 @@ def _interactive() -> bool:
 
 @contextmanager
 def spinner(message: str) -> Iterator[None]:
-    """A spinner on stderr while the block runs (a plain line when not on a terminal)."""
+    """A spinner on stderr while the block runs; nothing off a terminal (logs and pipes stay clean)."""
     if not _interactive():
-        print(f"{message} ...", file=sys.stderr, flush=True)
         yield
         return
     with err_console.status(message):

@@ -191,7 +191,8 @@ def _register_stage(name: str) -> None:
     def command(tiny_model: TinyModel = False) -> None:
         settings = _stage_settings(tiny_model)
         setup_logging(settings, stage=name)
-        raise typer.Exit(run_stage(name, resolve_broker(settings, start=False)))  # type: ignore[arg-type]
+        # A wrong password or protocol ends here in one line, not in a consumer that retries forever.
+        raise typer.Exit(run_stage(name, connect(settings)))  # type: ignore[arg-type]
 
     command.__doc__ = (f"Run the {name} stage alone; serves /metrics, /livez and /readyz on "
                        "COLSTREAM_METRICS__PORT (9400).")

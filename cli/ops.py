@@ -13,7 +13,7 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartiti
 from confluent_kafka.admin import AdminClient
 
 from colstream.cli.common import connect, fail, spinner
-from colstream.infra.dead_letters import Selection, dead_letters
+from colstream.infra.dead_letters import READER_GROUP_PREFIX, Selection, dead_letters
 from colstream.infra.dead_letters import redrive as redrive_letters
 from colstream.infra.settings import ColstreamSettings
 from colstream.schemas import DeadLetter
@@ -42,8 +42,16 @@ def _letters(settings: ColstreamSettings, selection: Selection) -> list[tuple[st
         check_topic_access(settings, settings.topics.dlq, "Read")
     except BrokerProblem as exc:
         fail(str(exc))
-    with spinner(f"reading dead letters from {settings.topics.dlq}"):
-        return dead_letters(settings, selection)
+    from confluent_kafka import KafkaException
+
+    from colstream.infra.kafka_check import explain
+
+    try:
+        with spinner(f"reading dead letters from {settings.topics.dlq}"):
+            return dead_letters(settings, selection)
+    except KafkaException as exc:
+        fail(explain(settings, exc.args[0], resource="topic", name=settings.topics.dlq, operation="Read",
+                     group=READER_GROUP_PREFIX))
 
 
 def dlq_list(

@@ -14,13 +14,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from colstream.infra.kafka import OutRecord, ProducerClient
 from colstream.infra.settings import ColstreamSettings
 from colstream.schemas import DeadLetter
 
 TopicRow = tuple[int, int, bytes | None, bytes | None]
+# Readers never join their group, but the client still looks its coordinator up: a
+# principal that reads dead letters needs Describe on groups with this prefix.
+READER_GROUP_PREFIX = "colstream-reader-"
+_REFUSED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+                      KafkaError._AUTHENTICATION})
 
 
 class DeadLetterSelector(Protocol):
@@ -47,13 +52,18 @@ class Selection:
     document_id: str | None = None
 
 
-def read_topic(settings: ColstreamSettings, topic: str, *, last_per_partition: int | None = None) -> list[TopicRow]:
+def read_topic(settings: ColstreamSettings, topic: str, *, last_per_partition: int | None = None,
+               idle_timeout_s: float = 30.0) -> list[TopicRow]:
     """Records currently on ``topic`` (the newest ``last_per_partition`` of each partition
-    when given), read without joining a group."""
-    consumer = Consumer({**settings.kafka.common_config(), "group.id": f"colstream-reader-{uuid.uuid4()}",
+    when given), read without joining a group. An error the broker will not get over
+    (no Read ACL) raises at once, and ``idle_timeout_s`` without a record raises
+    :class:`TimeoutError`: a reader never spins."""
+    consumer = Consumer({**settings.kafka.common_config(), "group.id": f"{READER_GROUP_PREFIX}{uuid.uuid4()}",
                          "enable.auto.commit": False})
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        if meta.error is not None:
+            raise KafkaException(meta.error)  # missing, or not ours to describe: never "no records"
         ends: dict[int, int] = {}
         assignment = []
         for p in meta.partitions:
@@ -65,10 +75,20 @@ def read_topic(settings: ColstreamSettings, topic: str, *, last_per_partition: i
                 assignment.append(TopicPartition(topic, p, low))
         consumer.assign(assignment)
         rows: list[TopicRow] = []
+        idle_deadline = time.monotonic() + idle_timeout_s
         while ends:
-            msg = consumer.poll(2.0)
-            if msg is None or msg.error():
+            msg = consumer.poll(1.0)
+            if msg is None:
+                if time.monotonic() > idle_deadline:
+                    raise TimeoutError(f"{topic}: no records for {idle_timeout_s:.0f}s while "
+                                       f"{sum(ends.values())} were expected; is the broker reachable?")
                 continue
+            err = msg.error()
+            if err is not None:
+                if err.fatal() or not err.retriable() or err.code() in _REFUSED:
+                    raise KafkaException(err)  # an ACL refusal, say: never spin on it
+                continue
+            idle_deadline = time.monotonic() + idle_timeout_s
             partition, offset = int(msg.partition() or 0), int(msg.offset() or 0)
             rows.append((partition, offset, msg.key(), msg.value()))
             if offset + 1 >= ends.get(partition, 0):
@@ -109,7 +129,7 @@ def letters_at(settings: ColstreamSettings, positions: Sequence[str], timeout_s:
                ) -> list[tuple[str, DeadLetter]]:
     """The dead letters at ``PARTITION:OFFSET`` positions; a position holding nothing is left out."""
     topic = settings.topics.dlq
-    consumer = Consumer({**settings.kafka.common_config(), "group.id": f"colstream-reader-{uuid.uuid4()}",
+    consumer = Consumer({**settings.kafka.common_config(), "group.id": f"{READER_GROUP_PREFIX}{uuid.uuid4()}",
                          "enable.auto.commit": False})
     found: list[tuple[str, DeadLetter]] = []
     try:

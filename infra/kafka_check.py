@@ -27,7 +27,7 @@ _AUTHZ_CODES = {
     KafkaError.GROUP_AUTHORIZATION_FAILED: "group",
     KafkaError.CLUSTER_AUTHORIZATION_FAILED: "cluster",
 }
-# Consecutive disconnects before the handshake completes that mean "wrong protocol".
+# "All brokers down" reports before the broker's reachability is judged.
 _DISCONNECTS_FOR_MISMATCH = 2
 
 
@@ -41,19 +41,27 @@ def principal(settings: ColstreamSettings) -> str:
 
 
 def missing_acl(settings: ColstreamSettings, resource: str, name: str, operation: str) -> str:
-    """The ``kafka-acls`` line that grants what was refused."""
+    """The ``kafka-acls`` line that grants what was refused (a name ending in ``-`` is a prefix)."""
     flag = {"topic": f"--topic {name}", "group": f"--group {name}", "cluster": "--cluster"}[resource]
+    if name.endswith("-"):
+        flag += " --resource-pattern-type prefixed"
     return (f"kafka-acls --bootstrap-server {settings.kafka.bootstrap_servers} --add --allow-principal "
             f"{principal(settings)} --operation {operation} {flag}")
 
 
 def explain(settings: ColstreamSettings, error: KafkaError, *, resource: str | None = None,
-            name: str | None = None, operation: str = "Read") -> str:
+            name: str | None = None, operation: str = "Read", group: str | None = None) -> str:
+    """``resource``/``name`` say what was being done (``topic`` ``x``); a refusal of the
+    consumer group instead names ``group`` (a prefix when it ends in ``-``)."""
     """One line for a client error: authentication, protocol mismatch, authorization, or as reported."""
     kafka = settings.kafka
     code = error.code()
     text = error.str()
     where = kafka.bootstrap_servers
+    if "Unsupported SASL mechanism" in text:
+        supported = text.split("supported mechanisms:", 1)[-1].split("(")[0].strip() or "?"
+        return (f"{where} does not offer SASL mechanism {kafka.sasl_mechanism} (it offers {supported}): "
+                "set COLSTREAM_KAFKA__SASL_MECHANISM to one of those")
     if code == KafkaError._AUTHENTICATION or "SASL authentication" in text or "Authentication failed" in text:
         return (f"authentication to {where} failed for user {kafka.sasl_username!r} with "
                 f"{kafka.sasl_mechanism or 'no SASL mechanism'} over {kafka.security_protocol}: check "
@@ -61,6 +69,8 @@ def explain(settings: ColstreamSettings, error: KafkaError, *, resource: str | N
     if code == KafkaError._SSL or "SSL handshake" in text:
         return (f"TLS handshake with {where} failed: check COLSTREAM_KAFKA__SECURITY_PROTOCOL and "
                 "COLSTREAM_KAFKA__SSL_CA_LOCATION")
+    if code == KafkaError.GROUP_AUTHORIZATION_FAILED and resource != "group":
+        resource, name, operation = "group", group, "Describe"
     if code in _AUTHZ_CODES:
         kind = resource or _AUTHZ_CODES[code]
         target = name or ("kafka-cluster" if kind == "cluster" else "?")
@@ -95,19 +105,43 @@ def check_broker(settings: ColstreamSettings, timeout_s: float = 15.0) -> Cluste
             return admin.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
         except KafkaException as exc:
             last = exc.args[0]
+        admin.poll(0)  # serves error_cb
         for error in errors:
             code = error.code()
             if code in (KafkaError._AUTHENTICATION, KafkaError._SSL) or code in _AUTHZ_CODES:
                 raise BrokerProblem(explain(settings, error))
-        disconnects = [e for e in errors if e.code() == KafkaError._TRANSPORT
-                       and ("ApiVersion" in e.str() or "Disconnected" in e.str() or "security.protocol" in e.str())]
-        if len(disconnects) >= _DISCONNECTS_FOR_MISMATCH and not _refused(errors):
-            raise BrokerProblem(_mismatch(settings))
+        down = [e for e in errors if e.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)]
+        if len(down) >= _DISCONNECTS_FOR_MISMATCH:
+            # Brokers "down" although their port accepts connections: the listener hangs up
+            # on this client's protocol (PLAINTEXT against SASL or TLS, say).
+            if _any_port_open(settings.kafka.bootstrap_servers or ""):
+                raise BrokerProblem(_mismatch(settings))
+            raise BrokerProblem(_nothing_listens(settings))
     if _refused(errors):
-        raise BrokerProblem(f"no Kafka broker answers on {settings.kafka.bootstrap_servers} (connection refused): "
-                            "start one (`colstream kafka start`) or fix KAFKA_BOOTSTRAP_SERVERS")
+        raise BrokerProblem(_nothing_listens(settings))
     detail = errors[-1].str() if errors else (last.str() if last is not None else "no answer")
     raise BrokerProblem(f"Kafka at {settings.kafka.bootstrap_servers} did not answer within {timeout_s:.0f}s: {detail}")
+
+
+def _nothing_listens(settings: ColstreamSettings) -> str:
+    return (f"no Kafka broker answers on {settings.kafka.bootstrap_servers} (connection refused): "
+            "start one (`colstream kafka start`) or fix KAFKA_BOOTSTRAP_SERVERS")
+
+
+def _any_port_open(bootstrap_servers: str, timeout_s: float = 1.0) -> bool:
+    import socket
+
+    for server in bootstrap_servers.split(","):
+        address = server.strip().rsplit("://", 1)[-1]
+        host, _, port = address.rpartition(":")
+        if not port.isdigit():
+            continue
+        try:
+            with socket.create_connection((host.strip("[]") or "localhost", int(port)), timeout=timeout_s):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _refused(errors: list[KafkaError]) -> bool:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -34,6 +34,7 @@ CONSOLE_TOOLS: dict[str, str] = {
     "kafka-consumer-groups": "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
     "kafka-topics": "org.apache.kafka.tools.TopicCommand",
     "kafka-configs": "org.apache.kafka.tools.ConfigCommand",
+    "kafka-acls": "org.apache.kafka.tools.AclCommand",
     "kafka-get-offsets": "org.apache.kafka.tools.GetOffsetShell",
     "kafka-storage": "kafka.tools.StorageTool",
 }
@@ -140,6 +141,19 @@ class LocalKafka:
     port: int = 9092
     controller_port: int = 9093
     host: str = "localhost"
+    # A SASL_PLAINTEXT listener with SCRAM-SHA-512 on this port, its users created when the
+    # storage is formatted (``{name: password}``), and ACLs enforced (StandardAuthorizer):
+    # the PLAINTEXT listener's ANONYMOUS and ``scram_super_user`` are super users, every
+    # other SCRAM user may do only what an ACL grants.
+    sasl_port: int | None = None
+    scram_users: dict[str, str] = field(default_factory=dict)
+    scram_super_user: str | None = None
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        if self.sasl_port is None:
+            raise KafkaRuntimeError("this broker has no SASL listener (sasl_port is not set)")
+        return f"{self.host}:{self.sasl_port}"
 
     @property
     def bootstrap_servers(self) -> str:
@@ -173,16 +187,34 @@ class LocalKafka:
         data_dir = self.home / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
         props = self.home / "server.properties"
+        listeners = f"PLAINTEXT://:{self.port},CONTROLLER://:{self.controller_port}"
+        advertised = f"PLAINTEXT://{self.host}:{self.port}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        sasl: list[str] = []
+        if self.sasl_port is not None:
+            listeners += f",SASL_PLAINTEXT://:{self.sasl_port}"
+            advertised += f",SASL_PLAINTEXT://{self.host}:{self.sasl_port}"
+            protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+            supers = ";".join(["User:ANONYMOUS", *([f"User:{self.scram_super_user}"] if self.scram_super_user else [])])
+            sasl = [
+                "sasl.enabled.mechanisms=SCRAM-SHA-512",
+                "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config="
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+                "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                f"super.users={supers}",
+                "allow.everyone.if.no.acl.found=false",
+            ]
         props.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
                     "node.id=1",
                     f"controller.quorum.bootstrap.servers=localhost:{self.controller_port}",
-                    f"listeners=PLAINTEXT://:{self.port},CONTROLLER://:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://{self.host}:{self.port}",
+                    f"listeners={listeners}",
+                    f"advertised.listeners={advertised}",
                     "controller.listener.names=CONTROLLER",
-                    "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+                    f"listener.security.protocol.map={protocols}",
+                    *sasl,
                     f"log.dirs={data_dir}",
                     "num.partitions=1",
                     "offsets.topic.replication.factor=1",
@@ -207,7 +239,9 @@ class LocalKafka:
             cluster_id = self._cluster_id()
             proc = subprocess.run(
                 [java_binary(), "-cp", classpath(), "kafka.tools.StorageTool", "format",
-                 f"--cluster-id={cluster_id}", "-c", str(props), "--standalone", "--ignore-formatted"],
+                 f"--cluster-id={cluster_id}", "-c", str(props), "--standalone", "--ignore-formatted",
+                 *(arg for name, password in self.scram_users.items()
+                   for arg in ("--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"))],
                 capture_output=True, text=True, check=False,
             )
             if proc.returncode != 0:
