@@ -20,6 +20,9 @@ from colstream.infra.settings import ColstreamSettings
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("COLSTREAM_STATE_DIR", REPO / ".colstream" / "test"))
+# The broker's and Azurite's files for this test run only: two runs at once (each in its
+# own network namespace) never share a data directory. Downloads stay shared under STATE.
+SESSION_STATE = STATE / "sessions" / str(os.getpid())
 
 
 def _docker_available() -> bool:
@@ -63,24 +66,30 @@ def kafka_bootstrap() -> Iterator[str]:
         with KafkaContainer().with_kraft() as container:
             yield container.get_bootstrap_server()
         return
-    broker = session_broker(STATE)
-    already = broker.is_running()
+    broker = session_broker(SESSION_STATE)
     servers = broker.start()
     try:
         yield servers
     finally:
-        if not already:
-            broker.stop()
+        broker.stop()
+        shutil.rmtree(SESSION_STATE / "kafka", ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def azurite() -> Iterator[object]:
     """Microsoft's Azurite emulator from npm, installed and started for the session."""
-    from colstream.infra.azurite import ensure_azurite
+    from colstream.infra.azurite import ensure_azurite, install_azurite
 
-    handle = ensure_azurite(STATE, port=int(os.environ.get("COLSTREAM_AZURITE_PORT", "10000")))
+    # Installed once under STATE (npm needs the network); run with this session's data.
+    installed = install_azurite(STATE).parents[1]
+    session_install = SESSION_STATE / "azurite"
+    session_install.mkdir(parents=True, exist_ok=True)
+    if not (session_install / "node_modules").exists():
+        (session_install / "node_modules").symlink_to(installed)
+    handle = ensure_azurite(SESSION_STATE, port=int(os.environ.get("COLSTREAM_AZURITE_PORT", "10000")))
     yield handle
     handle.stop()
+    shutil.rmtree(session_install, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -152,10 +152,10 @@ def test_broker_restart_mid_run_reconnects_and_converges(pipeline_settings: Cols
                                                          tmp_path: Path) -> None:
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         pytest.skip("the broker belongs to someone else: not restarting it")
-    from tests.conftest import STATE, session_broker
+    from tests.conftest import SESSION_STATE, session_broker
 
     settings = pipeline_settings
-    broker = session_broker(STATE)
+    broker = session_broker(SESSION_STATE)
     if broker.pid() is None:
         pytest.skip("the session broker was not started by this test run")
     seed = _seed("broker")
