@@ -304,12 +304,13 @@ def models(
 
 
 def _register_modules() -> None:
-    from colstream.cli import demo, doctor, migrate, ops, search
+    from colstream.cli import demo, doctor, gc, migrate, ops, search
 
     demo.register(app)
     ops.register(app)
     doctor.register(app)
     search.register(app)
+    gc.register(app)
     migrate.register(app)
 
 

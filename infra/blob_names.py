@@ -25,6 +25,7 @@ import re
 import uuid
 
 UPLOADS_PREFIX = "uploads/"
+CLAIMS_PREFIX = "claims/"
 _READABLE_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
 READABLE_PREFIX_CHARS = 48
 DIGEST_HEX_CHARS = 32
@@ -53,6 +54,11 @@ def upload_blob_name(document_id: str, file_name: str) -> str:
     """A fresh blob name for one uploaded version of ``document_id``."""
     name = safe_file_name(file_name)
     return f"{document_blob_dir(document_id)}/{uuid.uuid4().hex}/{name}"
+
+
+def claim_blob_dir(document_id: str, version: int) -> str:
+    """``claims/<document dir>/v<version>``: where one version's claim-check page images live."""
+    return f"{CLAIMS_PREFIX}{document_blob_dir(document_id).removeprefix(UPLOADS_PREFIX)}/v{version}"
 
 
 def is_owned_upload_name(name: str) -> bool:

@@ -473,6 +473,18 @@ class PageImageSettings(Section):
     max_concurrent_renders: int = Field(default=2, ge=1)
 
 
+class GcSettings(Section):
+    """Blobs colstream stored itself (uploads/, claims/) and expired records (``colstream gc``)."""
+
+    # A blob no record points at is removed once it is this old: long enough for any
+    # upload still on its way through the pipeline (or an unknown-outcome publish) to land.
+    orphan_min_age_s: float = Field(default=86_400.0, ge=0)
+    # A failed version's upload stays this long after the failure, for a redrive.
+    failed_retention_s: float = Field(default=7 * 86_400.0, ge=0)
+    # Superseded blobs the sink waits to release until the newer version settles (per process).
+    max_pending_releases: int = Field(default=100_000, ge=1)
+
+
 class ShutdownSettings(Section):
     # On SIGTERM a stage stops polling and gives in-flight work this long before it
     # leaves uncommitted work to be replayed. Pod grace periods must exceed it.
@@ -550,6 +562,7 @@ class ColstreamSettings(BaseSettings):
     sink: SinkSettings = Field(default_factory=SinkSettings)
     page_images: PageImageSettings = Field(default_factory=PageImageSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    gc: GcSettings = Field(default_factory=GcSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     log: LogSettings = Field(default_factory=LogSettings)

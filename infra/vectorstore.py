@@ -516,6 +516,9 @@ class VectorStore(Protocol):
 
     def list_records(self) -> list[DocumentRecord]: ...
 
+    def delete_records(self, document_ids: Sequence[str]) -> None:
+        """Forget documents' records (``colstream gc`` expires tombstone records)."""
+
     def stats(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...

@@ -287,6 +287,17 @@ class EdgeVectorStore:
             return []
         return [record_from_payload(dict(hit.payload or {})) for hit in _scroll(self._records, None)]
 
+    def delete_records(self, document_ids: Sequence[str]) -> None:
+        """Forget documents' records (expired tombstones); their pages are gone already."""
+        if not document_ids:
+            return
+        with self._lock:
+            if self._records is None:
+                return
+            ids: list[Any] = [record_point_id(doc) for doc in dict.fromkeys(document_ids)]
+            self._records.update(edge.UpdateOperation.delete_points(ids))
+            self._records.flush()
+
     # -- housekeeping ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:

@@ -361,6 +361,13 @@ class QdrantServerVectorStore:
             return []
         return [record_from_payload(dict(hit.payload or {})) for hit in self._scroll(self._records, None)]
 
+    def delete_records(self, document_ids: Sequence[str]) -> None:
+        """Forget documents' records (expired tombstones); their pages are gone already."""
+        if not document_ids or not self._exists(self._records):
+            return
+        ids: list[Any] = [record_point_id(doc) for doc in dict.fromkeys(document_ids)]
+        self._client.delete(self._records, points_selector=qm.PointIdsList(points=ids), wait=True)
+
     # -- housekeeping ------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:

@@ -52,6 +52,10 @@ class SinkOutcome:
     written_pages: int = 0
     dropped_stale: int = 0
     completed: list[DocumentIndexed] = field(default_factory=list)
+    # Blob URIs of versions a newer version (or a delete) replaced in this batch, per document,
+    # and the records that settled in it: what the blob janitor may release once they are durable.
+    superseded: dict[str, set[str]] = field(default_factory=dict)
+    settled: list[DocumentRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +66,11 @@ class _DocumentPlan:
     purge_below: int | None = None
     upserts: dict[int, PagePoint] = field(default_factory=dict)
     touched: bool = False
+    superseded: set[str] = field(default_factory=set)
+
+    def replace(self, old: DocumentRecord | None, new_version: int, new_blob_uri: str | None) -> None:
+        if old is not None and old.version < new_version and old.blob_uri and old.blob_uri != new_blob_uri:
+            self.superseded.add(old.blob_uri)
 
 
 def _patch_grid(message: PageVectors) -> PatchGrid | None:
@@ -123,6 +132,7 @@ class SinkCore:
             if rec.state == "indexing" and rec.settled:
                 rec.state = _settled_state(rec)  # type: ignore[assignment]
             if rec.state != "indexing" and plan.was_settled_at != rec.version:
+                outcome.settled.append(rec)
                 outcome.completed.append(
                     DocumentIndexed(
                         document_id=rec.document_id,
@@ -137,6 +147,7 @@ class SinkCore:
                 )
         if changed:
             self.store.put_records(changed)
+        outcome.superseded = {doc_id: plan.superseded for doc_id, plan in plans.items() if plan.superseded}
         return outcome
 
     @staticmethod
@@ -149,6 +160,7 @@ class SinkCore:
         if isinstance(message, DocumentDeleted | DocumentFailed):
             if rec is not None and ref.version == rec.version and rec.state in ("deleted", "failed"):
                 return True  # replayed: already applied
+            plan.replace(rec, ref.version, ref.blob_uri)
             plan.record = DocumentRecord(
                 document_id=ref.document_id,
                 version=ref.version,
@@ -166,6 +178,7 @@ class SinkCore:
         if rec is not None and ref.version == rec.version and rec.state in ("deleted", "failed"):
             return False
         if rec is None or ref.version > rec.version:
+            plan.replace(rec, ref.version, ref.blob_uri)
             rec = DocumentRecord(
                 document_id=ref.document_id,
                 version=ref.version,

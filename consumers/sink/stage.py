@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from colstream.consumers.sink.core import SinkCore, SinkOutcome
+from colstream.infra.blob_gc import BlobJanitor, open_owned_store
 from colstream.infra.kafka import OutRecord
 from colstream.infra.metrics import StageMetrics
 from colstream.infra.settings import ColstreamSettings
@@ -66,6 +67,8 @@ class SinkHandler:
         self.topics = settings.topics
         self.store = store
         self.core = SinkCore(store)
+        # Owned blobs of deleted and superseded versions go once their successor is settled.
+        self.janitor = BlobJanitor(open_owned_store(settings), settings.gc.max_pending_releases)
         self.dim = index_dimension(store) if dim is None else dim
         self.model_label: str | None = None
         self.failures = StageFailures(STAGE, self.topics.dlq)
@@ -101,6 +104,7 @@ class SinkHandler:
             messages.append(message)
         if messages:
             outcome = self._apply(messages)
+            self._release(outcome)
             outputs.extend(
                 OutRecord(self.topics.indexed, done.document_id, encode(done)) for done in outcome.completed
             )
@@ -119,6 +123,13 @@ class SinkHandler:
             # A store outage is not the documents' fault: the runner pauses, rewinds
             # and retries the batch after a delay; nothing is committed meanwhile.
             raise Backpressure(f"store write failed: {exc!r}") from exc
+
+    def _release(self, outcome: SinkOutcome) -> None:
+        # After _apply: the records that make these blobs unneeded are durable.
+        for document_id, uris in outcome.superseded.items():
+            self.janitor.superseded(document_id, uris)
+        for record in outcome.settled:
+            self.janitor.settled(record)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
