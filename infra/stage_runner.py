@@ -64,6 +64,7 @@ from colstream.infra.kafka import (
     kafka_consumer,
     kafka_producer,
 )
+from colstream.infra.kafka_logs import process_kafka_log
 from colstream.infra.logs import bind_stage
 from colstream.infra.metrics import StageMetrics
 from colstream.infra.settings import ColstreamSettings
@@ -397,7 +398,8 @@ class StageRunner:
                 self.health.connected(True)
                 return None
             if err.fatal() or not err.retriable():
-                log.error("%s: consumer error: %s", self.handler.name, err)
+                # One line per kind of error and interval, with a count: an outage would repeat it per poll.
+                process_kafka_log().emit(logging.ERROR, f"{self.handler.name}: consumer error: {err}")
             return None
         self.health.connected(True)
         key = message.key()

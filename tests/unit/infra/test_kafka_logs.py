@@ -87,3 +87,25 @@ def test_real_clients_against_closed_ports_log_a_handful_of_lines(caplog: pytest
     assert any("refused" in line.lower() or "down" in line.lower() for line in out), out
     assert calls <= 4, out
     assert any("repeated" in line for line in out[calls:]), out
+
+
+def test_a_stage_reports_a_repeated_consumer_error_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from confluent_kafka import KafkaError
+
+    from colstream.infra.kafka_logs import process_kafka_log
+    from colstream.infra.stage_runner import StageRunner
+
+    caplog.set_level(logging.ERROR, logger="colstream.kafka")
+    process_kafka_log().flush()
+    caplog.clear()
+    error = KafkaError(KafkaError._AUTHENTICATION, "SASL authentication error: Authentication failed", fatal=False)
+    message = SimpleNamespace(error=lambda: error)
+    runner = SimpleNamespace(handler=SimpleNamespace(name="sink"), health=SimpleNamespace(connected=lambda _: None))
+    for _ in range(500):
+        assert StageRunner._to_record(runner, message) is None  # type: ignore[arg-type]
+    out = [r.getMessage() for r in caplog.records if "consumer error" in r.getMessage()]
+    assert len(out) == 1 and "Authentication failed" in out[0]
+    process_kafka_log().flush()
+    assert "(repeated 499 times" in caplog.records[-1].getMessage()
