@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_topics_and_configs_match_what_the_pipeline_creates() -> None:
     for name in ("uploads", "pages", "vectors", "indexed", "dlq", "partitions", "replication_factor",
                  "uploads_delete_retention_ms", "pages_max_message_bytes", "vectors_max_message_bytes"):
         assert described[name] == getattr(defaults, name), name
-    assert topic_configs() == {spec.topic: dict(spec.config) for spec in topic_specs(defaults)}
+    assert topic_configs() == {spec.topic: dict(spec.config or {}) for spec in topic_specs(defaults)}
 
 
 def test_the_five_topics_their_keys_tombstones_and_examples() -> None:
@@ -45,7 +46,8 @@ def test_the_five_topics_their_keys_tombstones_and_examples() -> None:
     assert messages["UploadTombstone"]["payload"]["type"] == "null"
     assert set(doc["channels"]["uploads"]["messages"]) == {"UploadEvent", "UploadTombstone"}
     assert doc["channels"]["uploads"]["bindings"]["kafka"]["topicConfiguration"]["cleanup.policy"] == ["compact"]
-    decoders = {"UploadEvent": UploadEvent.model_validate_json, "PageMessage": decode_page_message,
+    decoders: dict[str, Callable[[bytes], object]] = {
+                "UploadEvent": UploadEvent.model_validate_json, "PageMessage": decode_page_message,
                 "VectorsMessage": decode_vectors, "DocumentIndexed": DocumentIndexed.model_validate_json,
                 "DeadLetter": DeadLetter.model_validate_json}
     for name, decode in decoders.items():
