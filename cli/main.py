@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     exiting. Broker and settings failures end as one line on stderr, never a traceback."""
     from confluent_kafka import KafkaException
 
+    from colstream.api.auth import KeyConfigError, UnauthenticatedBind
     from colstream.infra.kafka_check import BrokerProblem, explain
 
     command = typer.main.get_command(app)
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             err_console.print(f"[bold red]error:[/bold red] {exc.code}")
             return 1
         return int(exc.code or 0)
-    except BrokerProblem as exc:
+    except (BrokerProblem, KeyConfigError, UnauthenticatedBind) as exc:
         err_console.print(f"[bold red]error:[/bold red] {exc}")
         return 1
     except KafkaException as exc:

@@ -52,3 +52,18 @@ def test_without_an_api_an_unknown_filter_key_is_refused_before_opening_the_stor
     settings = ColstreamSettings(state_dir=tmp_path)
     with pytest.raises(SearchError, match="'colour'"):
         run_search(settings, "q", ["colour=red"], 5)
+
+
+def test_serving_another_address_without_keys_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    from colstream.cli.main import main
+
+    monkeypatch.setenv("COLSTREAM_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    monkeypatch.setenv("COLSTREAM_API__HOST", "0.0.0.0")
+    monkeypatch.delenv("COLSTREAM_API__KEYS", raising=False)
+    monkeypatch.delenv("COLSTREAM_API__ALLOW_UNAUTHENTICATED", raising=False)
+    assert main(["run", "api"]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "refusing to serve 0.0.0.0 without API keys" in err and "Traceback" not in err
