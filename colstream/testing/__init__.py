@@ -4,13 +4,22 @@
   ``consumer_factory=broker.consumer, producer_factory=broker.producer`` to
   :class:`~colstream.infra.stage_runner.StageRunner` (or to ``build_splitter`` and friends);
 * :class:`ListEmit`: an ``emit`` that keeps what a handler emits;
-* :class:`DummyPageModel`: a model with the embedding engine's interface, no checkpoint.
+* :class:`DummyPageModel`: a model with the embedding engine's interface, no checkpoint;
+* :class:`MemoryVectorStore`: the vector store's interface on dicts, which a test can take down;
+* :class:`RunningStage` and :func:`wait_until`: a real runner on a thread of the test.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from colstream.infra.kafka import OutRecord
 from colstream.testing.broker import FakeConsumer, FakeProducer, InMemoryBroker, StoredRecord
+from colstream.testing.running import RunningStage, wait_until
+from colstream.testing.stores import MemoryVectorStore
+
+if TYPE_CHECKING:
+    from colstream.testing.model import DummyPageModel
 
 
 class ListEmit(list[OutRecord]):
@@ -32,4 +41,14 @@ def __getattr__(name: str) -> object:
     raise AttributeError(name)
 
 
-__all__ = ["DummyPageModel", "FakeConsumer", "FakeProducer", "InMemoryBroker", "ListEmit", "StoredRecord"]
+__all__ = [
+    "DummyPageModel",
+    "FakeConsumer",
+    "FakeProducer",
+    "InMemoryBroker",
+    "ListEmit",
+    "MemoryVectorStore",
+    "RunningStage",
+    "StoredRecord",
+    "wait_until",
+]

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import KafkaError
@@ -103,7 +104,7 @@ def make_runner(
     consumers: list[FakeConsumer] = []
 
     def consumer_factory(config: dict[str, object]) -> FakeConsumer:
-        consumer = broker.consumer(config)  # type: ignore[arg-type]
+        consumer = broker.consumer(config)
         consumers.append(consumer)
         return consumer
 
@@ -271,3 +272,85 @@ def test_shutdown_does_not_wait_for_a_batch_past_the_grace(
     handler.gates[1].set()
     wait_until(lambda: bool(handler.emit_failures))
     assert broker.values(OUT) == [b"v0"]
+
+
+class RevokeRecordingConsumer(FakeConsumer):
+    """Keeps whatever the runner's revoke callback raised: librdkafka would raise it from
+    poll() or close() in the middle of a rebalance."""
+
+    def __init__(self, broker: InMemoryBroker, group_id: str, before_revoke: Callable[[], None] = lambda: None) -> None:
+        super().__init__(broker, group_id)
+        self.revoke_errors: list[BaseException] = []
+        self.revokes = 0
+        self.before_revoke = before_revoke
+
+    def subscribe(self, topics: list[str], on_assign: Any = None, on_revoke: Any = None, on_lost: Any = None) -> None:
+        def recorded(consumer: Any, partitions: Any) -> None:
+            self.revokes += 1
+            self.before_revoke()
+            try:
+                on_revoke(consumer, partitions)
+            except BaseException as exc:
+                self.revoke_errors.append(exc)
+                raise
+
+        super().subscribe(topics, on_assign=on_assign, on_revoke=recorded, on_lost=on_lost)
+
+
+def test_shutdown_cancels_queued_batches_and_its_revoke_raises_nothing(
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+) -> None:
+    handler = ScriptedHandler(workers=1)
+    handler.gates[0] = threading.Event()  # batch 0 holds the only worker; batches 1 and 2 queue behind it
+    consumers: list[RevokeRecordingConsumer] = []
+
+    def consumer_factory(config: dict[str, object]) -> RevokeRecordingConsumer:
+        consumers.append(RevokeRecordingConsumer(broker, str(config["group.id"])))
+        return consumers[-1]
+
+    runner = StageRunner(settings.updated(shutdown={"grace_s": 0.3}), handler, topics=[IN], group_id=GROUP,
+                         batch_size=1, batch_timeout_ms=10, max_in_flight=3, consumer_factory=consumer_factory,
+                         producer_factory=broker.producer)
+    publish(broker, 3)
+    started.append(run := Running(runner))
+    wait_until(lambda: 0 in handler.attempts and runner.stats.batches == 3)
+    run.stop()
+    handler.gates[0].set()
+    time.sleep(0.1)
+    assert run.error is None
+    consumer = consumers[0]
+    assert consumer.revokes == 1 and consumer.revoke_errors == [] and consumer.closed
+    # The queued batches were cancelled, not run after the stage let go of them; nothing was committed.
+    assert handler.attempts == [0]
+    assert broker.committed_offset(GROUP, IN) is None and broker.values(OUT) == []
+
+
+def test_a_revoke_meeting_a_batch_the_handler_cancelled_raises_nothing_out_of_the_callback(
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+) -> None:
+    handler = ScriptedHandler(workers=1)
+    handler.gates[0] = threading.Event()
+    consumers: list[RevokeRecordingConsumer] = []
+
+    def cancel_queued() -> None:
+        # The handler drops its queue (an executor shut down with cancel_futures) as the rebalance starts.
+        handler._pool.shutdown(wait=False, cancel_futures=True)
+        handler.gates[0].set()
+
+    def consumer_factory(config: dict[str, object]) -> RevokeRecordingConsumer:
+        consumers.append(RevokeRecordingConsumer(broker, str(config["group.id"]), before_revoke=cancel_queued))
+        return consumers[-1]
+
+    runner = StageRunner(settings, handler, topics=[IN], group_id=GROUP, batch_size=1, batch_timeout_ms=10,
+                         max_in_flight=2, consumer_factory=consumer_factory, producer_factory=broker.producer)
+    publish(broker, 2)
+    started.append(run := Running(runner))
+    wait_until(lambda: 0 in handler.attempts and runner.stats.batches == 2)
+    consumers[0].request_rebalance()
+    run.thread.join(10)
+    assert not run.thread.is_alive()
+    assert consumers[0].revoke_errors == []  # nothing escaped into the rebalance
+    # A handler that drops its work is a bug: it stops the stage from the poll loop, not from
+    # inside the rebalance, and nothing past the finished batch is committed.
+    assert run.error is not None
+    assert broker.committed_offset(GROUP, IN) in (None, 1)

@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from colstream.consumers.sink.core import SinkCore, VectorsMessage
-from colstream.infra.vectorstore import PagePoint
 from colstream.schemas import (
     DocumentDeleted,
     DocumentFailed,
-    DocumentRecord,
     DocumentRef,
     PageFailed,
     PageVectors,
 )
+from colstream.testing import MemoryVectorStore
 
-
-class MemoryPages:
-    def __init__(self) -> None:
-        self.points: dict[tuple[str, int], PagePoint] = {}
-        self.records: dict[str, DocumentRecord] = {}
-
-    def upsert_pages(self, points: Sequence[PagePoint]) -> None:
-        for p in points:
-            self.points[(p.document_id, p.page_number)] = p
-
-    def delete_documents(self, purges: Sequence[tuple[str, int | None]]) -> None:
-        for document_id, below_version in purges:
-            for key, p in list(self.points.items()):
-                if p.document_id == document_id and (below_version is None or p.version < below_version):
-                    del self.points[key]
-
-    def get_records(self, document_ids: Sequence[str]) -> dict[str, DocumentRecord]:
-        return {d: self.records[d].model_copy(deep=True) for d in document_ids if d in self.records}
-
-    def put_records(self, records: Sequence[DocumentRecord]) -> None:
-        for r in records:
-            self.records[r.document_id] = r.model_copy(deep=True)
+# The in-memory page store every sink test uses (also imported by other test modules).
+MemoryPages = MemoryVectorStore
 
 
 def vec(doc: str, version: int, page: int, total: int) -> PageVectors:
@@ -149,10 +126,10 @@ def test_random_operations_converge_to_latest_event_wins(
     for start in range(0, len(stream), batch):
         core.apply(stream[start:start + batch])
     for doc, expected in model.items():
-        pages = sorted((p.page_number, p.version) for p in store.points.values() if p.document_id == doc)
+        stored = sorted((p.page_number, p.version) for p in store.points.values() if p.document_id == doc)
         if expected is None:
-            assert pages == [] and store.records[doc].state == "deleted"
+            assert stored == [] and store.records[doc].state == "deleted"
         else:
             version, count = expected
-            assert pages == [(p, version) for p in range(1, count + 1)]
+            assert stored == [(p, version) for p in range(1, count + 1)]
             assert store.records[doc].state == "complete" and store.records[doc].version == version
