@@ -7,7 +7,8 @@ reads it (``VmHWM``). Each case states the bound it must stay under:
 * a 97 KB PNG declaring 9999x9999 pixels, alone and four in parallel: refused
   from its header, under 40 MB above the idle peak;
 * a 4096x4096 PNG (inside the limits): decoded and reduced, under 150 MB; four
-  in parallel, under 250 MB (at most two decodes at once);
+  in parallel, under 250 MB (at most two decodes at once), and under 100 MB stays
+  resident afterwards;
 * an 8000x8000 JPEG (above the per-image limit at full size): decoded at 1/4
   DCT scale, under 120 MB;
 * a 200 MB JSON body with Content-Length: refused before it is read, under 40 MB;
@@ -47,6 +48,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
         self.process, self.port = process, port
+        self.residual = 0
         self.url = f"http://127.0.0.1:{port}"
 
     def _status(self, field: str) -> int:
@@ -61,7 +63,10 @@ class Server:
         Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
         idle = self._status("VmRSS")
         action()
-        return self._status("VmHWM") - idle
+        peak = self._status("VmHWM") - idle
+        time.sleep(0.5)
+        self.residual = self._status("VmRSS") - idle
+        return peak
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +157,8 @@ def test_a_large_image_inside_the_limits_is_decoded_reduced_and_bounded(server: 
     assert statuses == [200] and peak < 150 * MB, f"{peak / MB:.0f} MB"
     peak = server.peak_above_idle(lambda: statuses.extend(parallel(4, lambda: post_embed(server, image))))
     assert statuses[1:] == [200] * 4 and peak < 250 * MB, f"{peak / MB:.0f} MB"
+    # and it is given back: what stays resident afterwards is a fraction of it
+    assert server.residual < 100 * MB, f"{server.residual / MB:.0f} MB resident after the requests"
 
 
 def test_a_huge_jpeg_is_decoded_at_a_reduced_scale(server: Server) -> None:
