@@ -85,7 +85,6 @@ import json
 import logging
 import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -93,6 +92,7 @@ from urllib.parse import unquote, urlsplit
 
 from azure.core.messaging import CloudEvent
 from azure.eventgrid import EventGridEvent
+from cachetools import LRUCache
 from fastapi import APIRouter, BackgroundTasks, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -266,30 +266,6 @@ def blob_address(event: IncomingEvent, blob_settings: BlobSettings) -> BlobAddre
 # --------------------------------------------------------------------------- state
 
 
-class _BoundedLRU:
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._items: OrderedDict[str, str] = OrderedDict()
-
-    def get(self, key: str) -> str | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: str = "") -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._items
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 def _sequencer_key(sequencer: str) -> str:
     # Storage sequencers are fixed-width hex; pad in case one is shorter, and fold
     # case so 'f5ca' and 'F5CA' compare the same.
@@ -314,8 +290,9 @@ class EventGridProcessor:
         self.settings = settings
         self.blob_settings = blob_settings
         self.publisher = publisher
-        self._seen_ids = _BoundedLRU(settings.dedupe_capacity)
-        self._sequencers = _BoundedLRU(settings.dedupe_capacity)
+        # Bounded LRU memories: ids already applied, and the last sequencer per blob.
+        self._seen_ids: LRUCache[str, str] = LRUCache(maxsize=max(1, settings.dedupe_capacity))
+        self._sequencers: LRUCache[str, str] = LRUCache(maxsize=max(1, settings.dedupe_capacity))
         self._lock = threading.Lock()
         # Fail at startup, not on the first event, when the template is wrong.
         try:
@@ -398,7 +375,7 @@ class EventGridProcessor:
                     else "stale (older sequencer than applied)"
                 )
                 outcome.skipped.append((event.id, f"{why} for {address.key}"))
-                self._seen_ids.put(event.id)
+                self._seen_ids[event.id] = ""
                 return
             if created:
                 self.publisher.publish_upload(self._upload_event(document_id, address, event))
@@ -407,9 +384,9 @@ class EventGridProcessor:
                 self.publisher.publish_delete(document_id)
                 outcome.deletes.append(document_id)
             # Recorded only after the publisher returned: a failed publish is retried.
-            self._seen_ids.put(event.id)
+            self._seen_ids[event.id] = ""
             if sequencer is not None:
-                self._sequencers.put(address.key, sequencer)
+                self._sequencers[address.key] = sequencer
 
     @staticmethod
     def _upload_event(document_id: str, address: BlobAddress, event: IncomingEvent) -> UploadEvent:

@@ -25,16 +25,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 import uuid
-from collections import OrderedDict
 from typing import Any, cast
 
+from cachetools import LRUCache
 from confluent_kafka import OFFSET_END, Consumer, KafkaException, Message, TopicPartition
 from faststream import AckPolicy
 from faststream.confluent import KafkaBroker
 from faststream.confluent.helpers.config import ConfluentConfig
 from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from colstream.infra.settings import ColstreamSettings, KafkaSettings
 from colstream.schemas import DocumentIndexed, UploadEvent, encode
@@ -125,7 +125,8 @@ class UpstreamClient:
         self.broker = broker
         self.settings = settings
         self._remembered_documents = remembered_documents
-        self._latest: OrderedDict[str, DocumentIndexed] = OrderedDict()
+        # The newest DocumentIndexed of the most recently seen documents (an LRU).
+        self._latest: LRUCache[str, DocumentIndexed] = LRUCache(maxsize=max(1, remembered_documents))
         self._waiters: dict[str, list[tuple[int | None, asyncio.Future[DocumentIndexed]]]] = {}
         # Set from the consumer's thread once its partitions are pinned to their ends.
         self._listening = threading.Event()
@@ -178,12 +179,9 @@ class UpstreamClient:
 
     def deliver(self, event: DocumentIndexed) -> None:
         """Route one DocumentIndexed to whoever waits for it (the subscriber calls this)."""
-        previous = self._latest.get(event.document_id)
+        previous = self._latest.get(event.document_id)  # also marks it recently used
         if previous is None or event.version >= previous.version:
             self._latest[event.document_id] = event
-        self._latest.move_to_end(event.document_id)
-        while len(self._latest) > self._remembered_documents:
-            self._latest.popitem(last=False)
         for min_version, future in self._waiters.get(event.document_id, []):
             if not future.done() and (min_version is None or event.version >= min_version):
                 future.set_result(event)
@@ -231,20 +229,14 @@ class UpstreamClient:
 
 def _end_offset(consumer: Consumer, partition: TopicPartition, attempts: int = 20) -> int:
     # A just-created topic answers "not leader" until its leader is elected.
-    for attempt in range(attempts):
-        try:
-            _, high = consumer.get_watermark_offsets(partition, timeout=5)
-            return int(high)
-        except KafkaException as exc:
-            if attempt == attempts - 1:
-                log.warning(
-                    "end of %s[%d] unknown (%s); starting from the reset policy",
-                    partition.topic,
-                    partition.partition,
-                    exc,
-                )
-            else:
-                time.sleep(0.25)
+    retrying = Retrying(retry=retry_if_exception_type(KafkaException), wait=wait_fixed(0.25),
+                        stop=stop_after_attempt(attempts), reraise=True)
+    try:
+        _, high = retrying(consumer.get_watermark_offsets, partition, timeout=5)
+        return int(high)
+    except KafkaException as exc:
+        log.warning("end of %s[%d] unknown (%s); starting from the reset policy", partition.topic,
+                    partition.partition, exc)
     return OFFSET_END
 
 
