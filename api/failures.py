@@ -28,3 +28,18 @@ def public_reason(exc: BaseException) -> str:
     """``"<Type>: <message without paths>"`` for an HTTP error body."""
     message = scrub_paths(str(exc))[:500]
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+_OWNED_FOLDERS = ("/uploads/", "/claims/")
+
+
+def public_blob_uri(uri: str | None) -> str | None:
+    """A blob URI as a client may see it: cloud URIs as they are (their queries are already
+    gone), local ``file://`` URIs as ``local:<name in the blob root>`` or not at all."""
+    if uri is None or not uri.startswith("file:"):
+        return uri
+    for folder in _OWNED_FOLDERS:
+        at = uri.find(folder)
+        if at >= 0:
+            return "local:" + uri[at + 1 :]
+    return None

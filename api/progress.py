@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
+from colstream.api.failures import public_blob_uri, scrub_paths
 from colstream.api.models import DocumentDetail, DocumentSummary, IngestResponse
 from colstream.schemas.events import DocumentRecord
 
@@ -59,7 +60,8 @@ def detail(record: DocumentRecord) -> DocumentDetail:
         version=record.version,
         state=record.state,
         filename=record.filename,
-        blob_uri=record.blob_uri,
+        # Never a server path: a local blob is named relative to the blob root.
+        blob_uri=public_blob_uri(record.blob_uri),
         model=record.model,
         total_pages=record.total_pages,
         indexed_pages=sorted(record.indexed_pages),
@@ -67,7 +69,7 @@ def detail(record: DocumentRecord) -> DocumentDetail:
         embedding_dimension=record.embedding_dimension,
         tokens_per_page=record.tokens_per_page,
         metadata=record.metadata,
-        error=record.error,
+        error=scrub_paths(record.error) if record.error else record.error,
         updated_at=record.updated_at,
     )
 
@@ -100,7 +102,7 @@ def ingest_outcome(
         message = f"Ingested {what} partially: {indexed} of {_pages(record.total_pages)} indexed, failed pages {failed}"
     elif record.state == "failed":
         status = 422
-        message = f"Ingestion of the {what} failed: {record.error or 'no page could be processed'}"
+        message = f"Ingestion of the {what} failed: {scrub_paths(record.error or 'no page could be processed')}"
     else:
         status = 409
         message = f"the document is {record.state} (version {record.version})"
@@ -115,5 +117,5 @@ def ingest_outcome(
         version=record.version,
         indexed_pages=indexed,
         failed_pages=failed,
-        error=record.error,
+        error=scrub_paths(record.error) if record.error else record.error,
     )

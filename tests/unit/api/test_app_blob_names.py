@@ -82,3 +82,16 @@ def test_no_error_response_names_a_server_path(api: Api, tmp_path: Path) -> None
     root.unlink()
     status, text = upload(api, "doc-2")
     assert status == 503 and str(tmp_path) not in text, text
+
+
+def test_documents_never_show_a_server_path(api: Api, tmp_path: Path) -> None:
+    status, _ = upload(api, "shown")
+    assert status == 202
+    stored = api.publisher.uploads[-1].blob_uri
+    assert stored.startswith("file://")
+    api.store.put(record("shown", 10, "failed", blob_uri=stored,
+                         error=f"BlobNotFound: no file at {blob_path(stored)}; was it deleted after the upload event?"))
+    body = api.client.get("/documents/shown")
+    assert body.status_code == 200
+    assert str(tmp_path) not in body.text
+    assert body.json()["blob_uri"].startswith("local:uploads/") and "BlobNotFound" in body.json()["error"]
