@@ -1,4 +1,4 @@
-"""Load a ColQwen2 / ColPali checkpoint and turn pages and queries into multivectors.
+"""Load a checkpoint of any family in ``families`` and turn pages and queries into multivectors.
 
 The three steps of an embedding call are public on their own (``preprocess_*``,
 ``forward``, ``postprocess``) so the pipelined engine can run them on different
@@ -16,7 +16,7 @@ import importlib.util
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from colstream.embedding.families import QWEN_VL_FAMILIES, family_spec
 from colstream.embedding.profile import effective_max_visual_tokens, model_id_for
 from colstream.embedding.tiny import is_random_weights_checkpoint
 from colstream.infra.settings import ModelSettings
@@ -45,8 +46,8 @@ class ModelLoadError(RuntimeError):
 class ImageGrid:
     """Where a page's image tokens sit among its real tokens: ``rows x cols``, row-major, from ``start``.
 
-    The sink needs it to mean-pool rows and columns of the page (issue 5); the
-    positions are those of the real-token array :meth:`EmbeddingModel.postprocess`
+    The sink needs it to mean-pool rows and columns of the page (the row/column
+    first-stage layout); the positions are those of the real-token array :meth:`EmbeddingModel.postprocess`
     returns, so padding never shifts them.
     """
 
@@ -116,8 +117,8 @@ class EmbeddingModel:
 
     def visual_token_estimate(self, width: int, height: int) -> int:
         """Sequence length a page of this size becomes; used to bucket similar pages."""
-        if self.family != "colqwen2":
-            return int(getattr(self.processor, "image_seq_length", 0))
+        if self.family not in QWEN_VL_FAMILIES:
+            return int(getattr(self.processor, "image_seq_length", 0) or getattr(self.processor, "image_seq_len", 0))
         grid = self.patch_grid(width, height)
         if grid is None:
             return 0  # extreme aspect ratio: the processor will reject it, bucket anywhere
@@ -125,7 +126,7 @@ class EmbeddingModel:
         return (grid[0] // merge) * (grid[1] // merge)
 
     def patch_grid(self, width: int, height: int) -> tuple[int, int] | None:
-        """ColQwen2: (rows, cols) of vision patches the processor makes of a page this size."""
+        """Qwen-VL families: (rows, cols) of vision patches the processor makes of a page this size."""
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
         image_processor = self.processor.image_processor
@@ -157,6 +158,10 @@ class EmbeddingModel:
         input_ids = inputs.tensors.get("input_ids")
         attention_mask = inputs.tensors.get("attention_mask")
         image_token_id = getattr(self.processor, "image_token_id", None)
+        if self.family == "colgemma3":
+            # Gemma3Processor's image_token_id is the begin-of-image marker; the soft image
+            # tokens that carry the page are the tokenizer's image token.
+            image_token_id = getattr(self.processor.tokenizer, "image_token_id", image_token_id)
         if input_ids is None or attention_mask is None or image_token_id is None:
             return [None] * inputs.size
         grid_thw = inputs.tensors.get("image_grid_thw")
@@ -165,7 +170,7 @@ class EmbeddingModel:
         for i in range(inputs.size):
             real_ids = input_ids[i][attention_mask[i].bool()]
             positions = torch.nonzero(real_ids == image_token_id).flatten().tolist()
-            if self.family == "colqwen2" and grid_thw is not None:
+            if self.family in QWEN_VL_FAMILIES and grid_thw is not None:
                 t, h, w = (int(v) for v in grid_thw[i].tolist())
                 rows, cols = t * h // merge, w // merge
             else:
@@ -238,25 +243,54 @@ def resolve_device(requested: str) -> torch.device:
     return device
 
 
-def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+# bf16 needs compute capability 8.0 (Ampere) or newer; older GPUs such as the T4 (7.5),
+# the V100 (7.0) and the P100 (6.0) emulate it slowly or not at all, so they get fp16.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def resolve_dtype(
+    requested: str,
+    device: torch.device,
+    capability: Callable[[torch.device], tuple[int, int]] | None = None,
+) -> torch.dtype:
+    """The dtype rule: ``auto`` is bf16 on a GPU that supports it, fp16 on pre-Ampere GPUs
+    (compute capability below 8.0, e.g. the T4), fp32 on CPU. An explicit dtype is kept,
+    except bf16 asked for on a GPU without it, which is refused."""
+    if device.type != "cuda":
+        if requested in ("auto", "float32"):
+            return torch.float32
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    major_minor = (capability or _cuda_capability)(device)
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if tuple(major_minor) >= BF16_MIN_CAPABILITY else torch.float16
+    if requested == "bfloat16" and tuple(major_minor) < BF16_MIN_CAPABILITY:
+        raise ModelLoadError(
+            f"model.dtype=bfloat16 but the GPU {device} has compute capability "
+            f"{major_minor[0]}.{major_minor[1]} (bf16 needs 8.0 or newer): use float16 or auto"
+        )
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(device)
+    return int(major), int(minor)
 
 
 def resolve_attn_implementation(settings: ModelSettings, device: torch.device) -> str:
     if settings.attn_implementation:
         return settings.attn_implementation
     # PaliGemma refuses flash attention (it would drop the bidirectional prefix mask).
-    if device.type == "cuda" and settings.family == "colqwen2" and importlib.util.find_spec("flash_attn") is not None:
+    if (
+        device.type == "cuda"
+        and settings.family in QWEN_VL_FAMILIES
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
         return "flash_attention_2"
     return "sdpa"
 
 
 def load_model(settings: ModelSettings) -> EmbeddingModel:
     """Load the configured checkpoint through the normal ``from_pretrained`` path."""
-    from colpali_engine.models import ColPali, ColPaliProcessor, ColQwen2, ColQwen2Processor
-
     name_or_path = model_id_for(settings)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -274,26 +308,29 @@ def load_model(settings: ModelSettings) -> EmbeddingModel:
         load_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         load_kwargs["device_map"] = {"": device.index or 0}
 
+    spec = family_spec(settings.family)
+    import colpali_engine.models as engine_models
+
+    model_class = getattr(engine_models, spec.model_class)
+    processor_class = getattr(engine_models, spec.processor_class)
     max_visual_tokens: int | None = None
+    processor_kwargs: dict[str, Any] = {}
+    if spec.takes_max_visual_tokens:
+        max_visual_tokens = effective_max_visual_tokens(settings)
+        processor_kwargs["max_num_visual_tokens"] = max_visual_tokens
     try:
-        if settings.family == "colqwen2":
-            max_visual_tokens = effective_max_visual_tokens(settings)
-            model = ColQwen2.from_pretrained(name_or_path, **load_kwargs)
-            processor = ColQwen2Processor.from_pretrained(name_or_path, max_num_visual_tokens=max_visual_tokens)
-            # colpali-engine also sets the deprecated `max_pixels` attribute, which makes
-            # every call warn; `size["longest_edge"]` already carries the same cap.
-            processor.image_processor.__dict__.pop("max_pixels", None)
-        elif settings.family == "colpali":
-            model = ColPali.from_pretrained(name_or_path, **load_kwargs)
-            processor = ColPaliProcessor.from_pretrained(name_or_path)
-        else:
-            raise ModelLoadError(f"unknown model family {settings.family!r}")
+        model = model_class.from_pretrained(name_or_path, **load_kwargs)
+        processor = processor_class.from_pretrained(name_or_path, **processor_kwargs)
     except OSError as exc:
         raise ModelLoadError(
             f"could not load {settings.family} checkpoint {name_or_path!r}: {exc}. "
             "The Hugging Face hub may be unreachable: point model.name_or_path at a local folder "
             "(a tiny random-weights one can be built with colstream.embedding.tiny)."
         ) from exc
+    if spec.takes_max_visual_tokens:
+        # colpali-engine also sets the deprecated `max_pixels` attribute, which makes
+        # every call warn; `size["longest_edge"]` already carries the same cap.
+        processor.image_processor.__dict__.pop("max_pixels", None)
 
     if settings.family == "colpali":
         _retie_colpali_lm_head(model)
@@ -308,13 +345,24 @@ def load_model(settings: ModelSettings) -> EmbeddingModel:
         family=settings.family,
         model_name=label,
         is_random_weights=random_weights,
-        dim=int(model.dim),
+        dim=projection_dim(model),
         device=device,
         dtype=dtype,
         model=model,
         processor=processor,
         max_visual_tokens=max_visual_tokens,
     )
+
+
+def projection_dim(model: Any) -> int:
+    """The multivector width, read from the loaded projection layer (``custom_text_proj``, or
+    ``linear`` in ColIdefics3), not from the class's default ``dim``."""
+    for name in ("custom_text_proj", "linear"):
+        layer = getattr(model, name, None)
+        out_features = getattr(layer, "out_features", None)
+        if isinstance(out_features, int) and out_features > 0:
+            return out_features
+    return int(model.dim)
 
 
 def _retie_colpali_lm_head(model: Any) -> None:

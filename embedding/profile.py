@@ -17,15 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from colstream.embedding.families import FAMILIES, QWEN_VL_FAMILIES, family_spec
 from colstream.infra.settings import ModelSettings
 from colstream.infra.vectorstore import IndexModel
 
-Family = Literal["colqwen2", "colpali"]
+Family = Literal[
+    "colqwen2", "colqwen2_5", "colqwen3", "colqwen3_5", "colpali", "colidefics3", "colmodernvbert", "colgemma3"
+]
 
-DEFAULT_MODEL_IDS: dict[str, str] = {
-    "colqwen2": "vidore/colqwen2-v1.0",
-    "colpali": "vidore/colpali-v1.2",
-}
+DEFAULT_MODEL_IDS: dict[str, str] = {name: spec.default_model_id for name, spec in FAMILIES.items()}
 
 # Qwen2-VL: 14 px patches merged 2x2 into one visual token = 28x28 px per token.
 DEFAULT_QWEN2_VL_PATCH_SIZE = 14
@@ -68,26 +68,48 @@ def effective_max_visual_tokens(model: ModelSettings) -> int:
     return cap
 
 
+# Qwen3-VL and Qwen3.5: 16 px patches merged 2x2 = 32x32 px per token.
+DEFAULT_QWEN3_VL_PATCH_SIZE = 16
+# SmolVLM / ModernVBERT: pages are resized to this longest edge, then tiled.
+DEFAULT_IDEFICS3_LONGEST_EDGE = 2048
+# Gemma 3's SigLIP encoder: every page is squashed to 896 x 896.
+DEFAULT_GEMMA3_IMAGE_SIZE = 896
+
+
 def render_target_for(model: ModelSettings) -> RenderTarget:
-    if model.family == "colqwen2":
-        patch_size, merge_size = _qwen2_vl_patch_and_merge(model_id_for(model))
+    spec = family_spec(model.family)
+    if model.family in QWEN_VL_FAMILIES:
+        default_patch = DEFAULT_QWEN3_VL_PATCH_SIZE if model.family in ("colqwen3", "colqwen3_5") else None
+        patch_size, merge_size = _qwen2_vl_patch_and_merge(model_id_for(model), default_patch)
         token_side = patch_size * merge_size
         return RenderTarget(max_pixels=effective_max_visual_tokens(model) * token_side * token_side)
-    if model.family == "colpali":
-        # PaliGemma squashes every page to a fixed square: a shorter side below it
-        # would be upscaled (lost detail), anything above is downscaled away.
-        return RenderTarget(min_side=_colpali_image_size(model_id_for(model)))
+    if spec.token_cap == "fixed_square":
+        # PaliGemma and Gemma 3 squash every page to a fixed square: a shorter side below
+        # it would be upscaled (lost detail), anything above is downscaled away.
+        default = DEFAULT_COLPALI_IMAGE_SIZE if model.family == "colpali" else DEFAULT_GEMMA3_IMAGE_SIZE
+        return RenderTarget(min_side=_colpali_image_size(model_id_for(model), default))
+    if spec.token_cap == "tiles":
+        # The processor resizes the longer side to its longest edge and cuts tiles from
+        # that: rendering larger is wasted.
+        return RenderTarget(max_side=_idefics3_longest_edge(model_id_for(model)))
     raise ValueError(f"unknown model family {model.family!r}")
 
 
-def _qwen2_vl_patch_and_merge(name_or_path: str) -> tuple[int, int]:
+def _idefics3_longest_edge(name_or_path: str) -> int:
+    size = _image_processor_config(_local_dir(name_or_path)).get("size")
+    if isinstance(size, dict) and isinstance(size.get("longest_edge"), int):
+        return int(size["longest_edge"])
+    return DEFAULT_IDEFICS3_LONGEST_EDGE
+
+
+def _qwen2_vl_patch_and_merge(name_or_path: str, default_patch: int | None = None) -> tuple[int, int]:
     image_processor = _image_processor_config(_local_dir(name_or_path))
-    patch = image_processor.get("patch_size", DEFAULT_QWEN2_VL_PATCH_SIZE)
+    patch = image_processor.get("patch_size", default_patch or DEFAULT_QWEN2_VL_PATCH_SIZE)
     merge = image_processor.get("merge_size", DEFAULT_QWEN2_VL_MERGE_SIZE)
     return int(patch), int(merge)
 
 
-def _colpali_image_size(name_or_path: str) -> int:
+def _colpali_image_size(name_or_path: str, default: int = DEFAULT_COLPALI_IMAGE_SIZE) -> int:
     size = _image_processor_config(_local_dir(name_or_path)).get("size")
     if isinstance(size, dict):
         sides = [v for k, v in size.items() if k in ("height", "width", "shortest_edge") and isinstance(v, int)]
@@ -95,7 +117,7 @@ def _colpali_image_size(name_or_path: str) -> int:
             return max(sides)
     if isinstance(size, int):
         return size
-    return DEFAULT_COLPALI_IMAGE_SIZE
+    return default
 
 
 def _local_dir(name_or_path: str) -> Path | None:

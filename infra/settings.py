@@ -205,8 +205,10 @@ class ConverterSettings(Section):
 
 
 class ModelSettings(Section):
-    # "colqwen2" or "colpali"; the id/path is passed to from_pretrained as-is.
-    family: Literal["colqwen2", "colpali"] = "colqwen2"
+    # A family of embedding/families.py; the id/path is passed to from_pretrained as-is.
+    family: Literal[
+        "colqwen2", "colqwen2_5", "colqwen3", "colqwen3_5", "colpali", "colidefics3", "colmodernvbert", "colgemma3"
+    ] = "colqwen2"
     name_or_path: str | None = None
     # Hub revision (branch, tag or commit) of name_or_path; recorded with the index.
     revision: str | None = None
@@ -230,6 +232,12 @@ class QdrantSettings(Section):
     # Storage options (issue 5); off by default.
     token_pooling_factor: int = 0
     mean_pooled_prefetch: bool = False
+    # Qdrant's write limits (consumers/sink/limits.py): a page whose multivector would reach
+    # 1,048,576 numbers, or whose request would pass the server's body limit, is pooled
+    # down to fit with this pooler; "off" dead-letters it as VectorsTooLarge instead.
+    oversize_pooler: Literal["hierarchical", "off"] = "hierarchical"
+    # The server's service.max_request_size_mb (REST); upserts are split to stay under it.
+    max_request_mb: int = Field(default=32, ge=1)
     # Upload metadata keys that get a payload index on the pages and may be used in a
     # search filter. ``tenant`` is indexed as the tenant key (``is_tenant`` on a server).
     indexed_metadata: list[str] = Field(default_factory=lambda: ["tenant"])

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
+from colstream.consumers.sink.limits import WriteLimits, point_size, split_by_bytes
 from colstream.infra.vectorstore import PagePoint, PatchGrid
 from colstream.schemas import (
     DocumentDeleted,
@@ -87,8 +88,11 @@ def _settled_state(record: DocumentRecord) -> str:
 
 
 class SinkCore:
-    def __init__(self, store: PageWriter) -> None:
+    def __init__(self, store: PageWriter, limits: WriteLimits | None = None) -> None:
         self.store = store
+        # Requests are split to stay under the server's body limit (None: one upsert).
+        self.limits = limits
+        self.upsert_calls = 0
 
     def apply(self, messages: Sequence[VectorsMessage]) -> SinkOutcome:
         outcome = SinkOutcome()
@@ -120,8 +124,15 @@ class SinkCore:
             self.store.delete_documents(purges)
         # 2. write the pages of the surviving versions
         points = [p for plan in plans.values() for p in plan.upserts.values()]
-        if points:
+        budget = self.limits.request_budget if self.limits is not None else None
+        if points and self.limits is not None and budget is not None:
+            # Split by bytes, never rejected whole; pages were fitted one by one before.
+            for group in split_by_bytes(points, point_size(self.limits), budget):
+                self.store.upsert_pages(group)
+                self.upsert_calls += 1
+        elif points:
             self.store.upsert_pages(points)
+            self.upsert_calls += 1
         outcome.written_pages = len(points)
         # 3. records last: a record never claims pages that are not durable yet
         changed = [plan.record for plan in plans.values() if plan.touched and plan.record is not None]

@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 
 from colstream.consumers.sink.core import SinkCore, SinkOutcome
+from colstream.consumers.sink.limits import VectorsTooLarge, WriteLimits, fit_page
 from colstream.infra.blob_gc import BlobJanitor, open_owned_store
 from colstream.infra.kafka import OutRecord
 from colstream.infra.metrics import StageMetrics
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_failures import StageFailures
 from colstream.infra.stage_runner import Backpressure, Emit, RawRecord, StageRunner
-from colstream.infra.vectorstore import InvalidVectorsError, VectorStore, open_vector_store
+from colstream.infra.vectorstore import InvalidVectorsError, PatchGrid, VectorStore, open_vector_store
 from colstream.schemas import InvalidRecord, PageVectors, PipelineError, VectorsMessage, decode_vectors, encode
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,46 @@ def check_vectors(message: PageVectors, dim: int, model: str | None = None) -> N
         raise InvalidVectorsError(f"page {message.page_number} of {message.total_pages}")
 
 
+def write_limits(settings: ColstreamSettings) -> WriteLimits:
+    """Qdrant's limits for this deployment: a server is reached over REST (request body
+    limit ``qdrant.max_request_mb``); the embedded Edge store has no request, only the
+    per-multivector limit, which Qdrant's engine enforces in both."""
+    qdrant = settings.qdrant
+    layout = {
+        "pooler": qdrant.oversize_pooler,
+        "layout_pooling_factor": qdrant.token_pooling_factor if qdrant.token_pooling_factor > 1 else 0,
+        "prefetch": qdrant.mean_pooled_prefetch,
+    }
+    if qdrant.url:
+        return WriteLimits.for_transport("rest", qdrant.max_request_mb * 1024 * 1024, **layout)
+    return WriteLimits.for_transport("embedded", None, **layout)
+
+
+def fit_to_limits(message: PageVectors, limits: WriteLimits) -> PageVectors:
+    """The page as it can be written (pooled down when over a limit), or VectorsTooLarge."""
+    where = f"document {message.document.document_id!r} page {message.page_number}"
+    grid = _message_grid(message)
+    fitted = fit_page(message.to_array(), grid, limits, payload=_payload_estimate(message), where=where)
+    if fitted.pooled_from is None:
+        return message
+    log.warning("%s: %d vectors pooled by %d to %d to fit Qdrant's limits", where, fitted.pooled_from,
+                fitted.factor, fitted.vectors.shape[0])
+    return PageVectors.from_array(document=message.document, page_number=message.page_number,
+                                  total_pages=message.total_pages, model=message.model, array=fitted.vectors)
+
+
+def _message_grid(message: PageVectors) -> PatchGrid | None:
+    if message.image_token_start is None or message.grid_rows is None or message.grid_cols is None:
+        return None
+    return PatchGrid(start=message.image_token_start, rows=message.grid_rows, cols=message.grid_cols)
+
+
+def _payload_estimate(message: PageVectors) -> dict[str, Any]:
+    ref = message.document
+    return {"document_id": ref.document_id, "filename": ref.filename, "blob_uri": ref.blob_uri,
+            "model": message.model, "metadata": ref.metadata}
+
+
 def index_dimension(store: VectorStore) -> int:
     """The vector size of the pages collection the sink writes to. The sink checks
     incoming vectors against what the index holds (not against a model it never
@@ -66,7 +107,8 @@ class SinkHandler:
         self.settings = settings
         self.topics = settings.topics
         self.store = store
-        self.core = SinkCore(store)
+        self.limits = write_limits(settings)
+        self.core = SinkCore(store, self.limits)
         # Owned blobs of deleted and superseded versions go once their successor is settled.
         self.janitor = BlobJanitor(open_owned_store(settings), settings.gc.max_pending_releases)
         self.dim = index_dimension(store) if dim is None else dim
@@ -93,7 +135,8 @@ class SinkHandler:
             if isinstance(message, PageVectors):
                 try:
                     check_vectors(message, self.dim, self.model_label)
-                except InvalidVectorsError as exc:
+                    message = fit_to_limits(message, self.limits)
+                except (InvalidVectorsError, VectorsTooLarge) as exc:
                     letter, failed = self.failures.page(
                         record, message.document, page_number=message.page_number,
                         total_pages=message.total_pages, error_type=exc.error_type, message=str(exc))

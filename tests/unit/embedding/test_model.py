@@ -81,7 +81,7 @@ def test_tiny_checkpoints_load_through_from_pretrained_and_are_labelled(tiny_mod
     assert tiny_model.is_random_weights
     assert "(random weights)" in tiny_model.model_name
     assert json.loads((folder / MARKER_FILE).read_text())["colstream_random_weights"] is True
-    assert "Random weights" in (folder / README_FILE).read_text()
+    assert "RANDOM WEIGHTS" in (folder / README_FILE).read_text()
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     assert tiny_model.dim == 128
     assert tiny_model.device.type == "cpu"
