@@ -63,6 +63,62 @@ def _screenshot(driver: Any, name: str) -> Path:
     return path
 
 
+# Basic accessibility rules checked in the page itself: every form control has a label,
+# every button and link a name, every image an alt attribute, every visible text run
+# WCAG AA contrast against its effective background (4.5:1; 3:1 for large text).
+_AUDIT_JS = """
+const problems = [];
+const visible = (el) => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+const name = (el) => (el.getAttribute('aria-label') || el.textContent || el.title || '').trim();
+for (const el of document.querySelectorAll('input, select, textarea')) {
+  if (el.type === 'hidden') continue;
+  const labelled = (el.labels && el.labels.length) || el.getAttribute('aria-label')
+    || el.getAttribute('aria-labelledby');
+  if (!labelled) problems.push(`control without a label: #${el.id || el.name}`);
+}
+for (const el of document.querySelectorAll('button, a[href], [role=tab]')) {
+  if (visible(el) && !name(el)) problems.push(`unnamed ${el.tagName.toLowerCase()}: ${el.outerHTML.slice(0, 80)}`);
+}
+for (const el of document.querySelectorAll('img')) {
+  if (!el.hasAttribute('alt')) problems.push(`image without alt: ${el.outerHTML.slice(0, 80)}`);
+}
+const rgba = (c) => {
+  const m = c.match(/[\\d.]+/g) || ['0', '0', '0', '0'];
+  return m.map(Number).concat([1]).slice(0, 4);
+};
+const lum = ([r, g, b]) => {
+  const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+  return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+};
+const background = (el) => {
+  for (let node = el; node && node.nodeType === 1; node = node.parentElement) {
+    const c = rgba(getComputedStyle(node).backgroundColor);
+    if (c[3] > 0.5) return c;
+  }
+  return [255, 255, 255, 1];
+};
+const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+for (let text = walker.nextNode(); text; text = walker.nextNode()) {
+  const el = text.parentElement;
+  if (!text.textContent.trim() || !el || !visible(el) || el.closest('.visually-hidden')) continue;
+  const style = getComputedStyle(el);
+  if (style.visibility === 'hidden' || Number(style.opacity) === 0) continue;
+  const fg = rgba(style.color), bg = background(el);
+  const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a);
+  const ratio = (hi + 0.05) / (lo + 0.05);
+  const size = parseFloat(style.fontSize), bold = Number(style.fontWeight) >= 700;
+  const needed = size >= 24 || (bold && size >= 18.66) ? 3 : 4.5;
+  const what = text.textContent.trim().slice(0, 40);
+  if (ratio < needed) problems.push(`contrast ${ratio.toFixed(2)} < ${needed} for "${what}"`);
+}
+return [...new Set(problems)];
+"""
+
+
+def _accessibility_problems(driver: Any) -> list[str]:
+    return list(driver.execute_script(_AUDIT_JS))
+
+
 def _errors(driver: Any) -> list[dict[str, Any]]:
     return [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
 
@@ -103,6 +159,12 @@ def test_upload_search_dead_letters_and_delete_through_the_console(
         wait_for(lambda: css("#random-weights").is_displayed(), 30, what="random-weights banner")
         assert driver.execute_script("return sessionStorage.getItem('colstream.apiKey')") == ADMIN_KEY
 
+        # keyboard alone: the arrow keys move between the view tabs, Enter opens one
+        css("#tab-search").send_keys(Keys.ARROW_RIGHT)
+        assert driver.switch_to.active_element.get_attribute("id") == "tab-documents"
+        driver.switch_to.active_element.send_keys(Keys.ENTER)
+        wait_for(lambda: css("#view-documents").is_displayed(), 10, what="documents view by keyboard")
+
         # upload: the file input is what the drop zone feeds too
         show("upload")
         css("#file-input").send_keys(f"{report}\n{locked}")
@@ -122,6 +184,7 @@ def test_upload_search_dead_letters_and_delete_through_the_console(
         assert row.get_attribute("data-state") == "complete" and "3 of 3" in row.text
         failed = css(f'#documents-body tr[data-document-id="{locked_id}"]')
         assert "EncryptedDocument" in failed.text
+        assert _accessibility_problems(driver) == []
         _screenshot(driver, "documents")
 
         # search: cards of the right document with loaded thumbnails, one opened large
@@ -139,6 +202,7 @@ def test_upload_search_dead_letters_and_delete_through_the_console(
             "return [...document.querySelectorAll('#results .card img')].map(i => i.naturalWidth)")
         assert set(widths) == {320}
         assert "random" in cards[0].find_element(by_css, ".model").text.lower()
+        assert _accessibility_problems(driver) == []
         search_png = _screenshot(driver, "search")
         README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(search_png, README_SCREENSHOT)
@@ -157,6 +221,7 @@ def test_upload_search_dead_letters_and_delete_through_the_console(
         letter = next(r for r in driver.find_elements(by_css, "#dlq-body tr") if locked_id in r.text)
         assert "splitter" in letter.text and "password" in letter.text.lower()
         assert letter.find_element(by_css, "button").text == "Redrive"
+        assert _accessibility_problems(driver) == []
         _screenshot(driver, "dead-letters")
 
         # delete: the row goes once the sink has applied the tombstone
