@@ -7,7 +7,6 @@ import logging
 import subprocess
 import time
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -280,33 +279,11 @@ def documents(as_json: AsJson = False) -> None:
     print_documents(list_documents(load_settings()), as_json)
 
 
-# -- models ------------------------------------------------------------------------
-class ModelsAction(StrEnum):
-    build_tiny = "build-tiny"
-
-
-class Family(StrEnum):
-    colqwen2 = "colqwen2"
-    colpali = "colpali"
-
-
-@app.command("models")
-def models(
-    action: Annotated[ModelsAction, typer.Argument(help="build-tiny: a tiny checkpoint with RANDOM WEIGHTS")],
-    out: Annotated[Path, typer.Option("--out", help="folder to write the checkpoint to")],
-    family: Annotated[Family, typer.Option("--family", help="model family")] = Family.colqwen2,
-) -> None:
-    """Build tiny random-weight checkpoints for offline use."""
-    from colstream.embedding.tiny import build_tiny_checkpoint
-
-    path = build_tiny_checkpoint(family.value, out)
-    print(f"built a tiny {family.value} checkpoint with RANDOM WEIGHTS at {path}")
-
-
 def _register_modules() -> None:
-    from colstream.cli import demo, doctor, gc, migrate, ops, search
+    from colstream.cli import demo, doctor, gc, migrate, models, ops, search
 
     demo.register(app)
+    models.register(app)
     ops.register(app)
     doctor.register(app)
     search.register(app)
