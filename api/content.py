@@ -110,24 +110,6 @@ def decode_base64(data: str, max_bytes: int, what: str = "image") -> bytes:
     return raw
 
 
-def decode_base64_image(data: str, *, max_bytes: int, max_pixels: int, what: str = "image") -> Image.Image:
-    """Base64 (optionally a data: URL) -> a fully decoded RGB image."""
-    raw = decode_base64(data, max_bytes, what)
-    try:
-        image = _open_checked_image(io.BytesIO(raw), max_pixels)
-    except RejectedInput as exc:
-        # An embed request carries no file type to be wrong about: a bad image is a bad request.
-        status = 413 if exc.status_code == 413 else 400
-        raise RejectedInput(status, f"{what}: {exc.message}") from exc
-    try:
-        image.load()
-        return image.convert("RGB")
-    except Exception as exc:
-        raise RejectedInput(400, f"{what}: cannot decode image ({type(exc).__name__}: {exc})") from exc
-    finally:
-        image.close()
-
-
 def clean_filename(raw: str | None, fallback: str) -> str:
     """The base name a client sent, without directories or control characters."""
     if not raw:

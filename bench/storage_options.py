@@ -1,4 +1,4 @@
-"""Storage options (issue 5, point 6): bytes per page on disk and query latency, on Qdrant Edge.
+"""Storage options: bytes per page on disk and query latency of each layout, on Qdrant Edge.
 
     .venv/bin/python bench/storage_options.py [--pages 300] [--queries 30]
 

@@ -136,8 +136,9 @@ def delivery_error(topic: str, err: KafkaError) -> DeliveryFailed:
 
 
 @dataclass
-class DeliveryTracker:
-    """Counts in-flight deliveries so a stage knows when the broker has everything."""
+class DeliveryRefusals:
+    """The refusals among deliveries sent without a callback of their own, kept until
+    ``flush_or_raise`` reports them."""
 
     errors: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -154,11 +155,20 @@ class DeliveryTracker:
 
 
 class ProducerClient:
-    """One producer, created on first use.
+    """One Kafka producer, created on first use. Nothing here flushes on a stage's behalf;
+    each kind of caller learns that its records are durable its own way:
 
-    Stages pass a delivery callback per record and commit once their batch's records
-    are acknowledged; a plain ``send`` without a callback is tracked here instead,
-    and ``flush_or_raise`` waits for those (publishers, tools)."""
+    * stages: ``send(record, on_delivery=...)`` per output record; the runner counts a
+      batch's acknowledgements (served by ``poll``) and commits the batch's input offsets
+      only once all of them arrived without error;
+    * the API's publisher: ``send_and_wait`` for one record, which returns its partition
+      and offset or raises :class:`DeliveryOutcomeUnknown` / :class:`DeliveryFailed`;
+    * tools (the dead-letter redrive): ``send`` without a callback, whose outcome is kept
+      here, then ``flush_or_raise``, which waits for every record queued so far and raises
+      :class:`DeliveryFailed` if the broker refused one of those kept here.
+
+    ``send`` blocks only while librdkafka's local queue is full, polling meanwhile.
+    ``close`` waits at most ``timeout_s`` for what is still queued and drops the rest."""
 
     def __init__(
         self,
@@ -171,7 +181,7 @@ class ProducerClient:
         self._extra = extra or {}
         self._factory = factory
         self._producer: ProducerLike | None = None
-        self._tracker = DeliveryTracker()
+        self._refusals = DeliveryRefusals()
         self._lock = threading.Lock()
 
     @property
@@ -189,7 +199,7 @@ class ProducerClient:
                     key=record.key.encode("utf-8") if record.key is not None else None,
                     value=record.value,
                     headers=list(record.headers) or None,
-                    on_delivery=on_delivery or self._tracker.callback,
+                    on_delivery=on_delivery or self._refusals.callback,
                 )
                 break
             except BufferError:
@@ -239,7 +249,7 @@ class ProducerClient:
                 break
             if time.monotonic() > deadline:
                 raise DeliveryFailed(f"{remaining} records not acknowledged within {timeout_s:.0f}s")
-        errors = self._tracker.take_errors()
+        errors = self._refusals.take_errors()
         if errors:
             raise DeliveryFailed("broker refused records: " + "; ".join(errors[:5]))
 

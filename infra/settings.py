@@ -49,7 +49,7 @@ class KafkaSettings(Section):
     sasl_password: SecretStr | None = None
     ssl_ca_location: str | None = None
     client_id: str = "colstream"
-    # Throughput knobs (issue 5 measures them against librdkafka's defaults).
+    # Throughput knobs; bench/kafka_tuning.py measures them against librdkafka's defaults.
     linger_ms: int = 20
     batch_size: int = 1_000_000
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
@@ -229,7 +229,7 @@ class QdrantSettings(Section):
     collection: str = "colpali_embeddings"
     records_collection: str = "colstream_documents"
     on_disk_float16: bool = True
-    # Storage options (issue 5); off by default.
+    # Storage options (see infra/vectorstore.py; measured by bench/storage_options.py); off by default.
     token_pooling_factor: int = 0
     mean_pooled_prefetch: bool = False
     # Qdrant's write limits (consumers/sink/limits.py): a page whose multivector would reach

@@ -14,7 +14,7 @@ a redelivered batch overwrites instead of duplicating, and a new version of a
 document overwrites its pages in place; ``delete_document(below_version=...)``
 then clears whatever the old version had beyond the new page count.
 
-Storage options (issue 5), fixed when the pages collection is created (a sidecar
+Storage options, fixed when the pages collection is created (a sidecar
 records them, and a later mismatch is refused rather than silently mixed):
 
 * ``on_disk_float16``: store float16 instead of float32 (half the bytes; the model's

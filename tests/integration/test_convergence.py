@@ -1,4 +1,4 @@
-"""Issue 4: the index converges to latest-event-wins under kills, restarts, rebalances and replays.
+"""The index converges to latest-event-wins under kills, restarts, rebalances and replays.
 
 Every test drives the real broker. Stages run as their own OS processes
 (``colstream run <stage>``) wherever a test kills or restarts them.

@@ -1,4 +1,4 @@
-"""Issue 2 end to end, against the real broker: kcat in, Qdrant pages out."""
+"""One upload end to end, against the real broker: kcat in, Qdrant pages out."""
 
 from __future__ import annotations
 

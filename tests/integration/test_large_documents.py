@@ -1,4 +1,4 @@
-"""Issue 3: a 1,000-page PDF streams through the splitter without blocking its partition."""
+"""A 1,000-page PDF streams through the splitter without blocking its partition."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 14 end to end: Office, HTML and text uploads through `colstream run all` and the real broker.
+"""Office, HTML and text uploads end to end through `colstream run all` and the real broker.
 
 Each document's indexed page count must equal the page count of LibreOffice's own PDF export
 of the same file; hostile Office files end as dead letters with their exact reason, a remote

@@ -23,9 +23,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from colstream.api.app import create_app
-from colstream.api.content import RejectedInput, clean_filename, decode_base64_image
+from colstream.api.content import RejectedInput, clean_filename
+from colstream.api.images import EmbedImageDecoder
 from colstream.api.progress import delete_applied, upload_finished
-from colstream.infra.settings import ColstreamSettings, ModelSettings
+from colstream.infra.settings import ColstreamSettings, LimitSettings, ModelSettings
 from colstream.schemas.events import DocumentRecord, UploadEvent, utcnow
 
 PDF_BYTES = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
@@ -627,9 +628,10 @@ def test_clean_filename_strips_directories_and_controls() -> None:
     assert clean_filename(None, "fallback.pdf") == "fallback.pdf"
 
 
-def test_decode_base64_image_refuses_decompression_bombs() -> None:
+def test_the_embed_image_decoder_refuses_decompression_bombs() -> None:
+    decoder = EmbedImageDecoder(LimitSettings(max_embed_body_bytes=10**6, max_embed_image_pixels=50 * 50))
     with pytest.raises(RejectedInput) as caught:
-        decode_base64_image(b64(png_bytes(100, 100)), max_bytes=10**6, max_pixels=50 * 50)
+        decoder.decode(b64(png_bytes(100, 100)))
     assert caught.value.status_code == 413
-    image = decode_base64_image(b64(png_bytes(40, 30)), max_bytes=10**6, max_pixels=50 * 50)
+    image = decoder.decode(b64(png_bytes(40, 30)))
     assert (image.size, image.mode) == ((40, 30), "RGB")

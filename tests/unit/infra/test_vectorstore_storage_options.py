@@ -1,4 +1,4 @@
-"""Storage options (issue 5): image grids from the models, row/column prefetch, hierarchical pooling."""
+"""Storage options: image grids from the models, row/column prefetch, hierarchical pooling."""
 
 from __future__ import annotations
 

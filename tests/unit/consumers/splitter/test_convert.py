@@ -257,7 +257,7 @@ def _legacy(make, suffix: str, target: str):
     return lambda tmp_path: office.soffice_convert(make(), suffix, target, tmp_path / f"make-{target}")
 
 
-# Every format of the issue, with the page count LibreOffice's own export gives it.
+# Every Office, HTML and text format the converter accepts, with the page count LibreOffice's own export gives it.
 FORMATS = [
     ("docx", "three.docx", lambda tmp_path: office.make_docx(3), 3),
     ("doc", "two.doc", _legacy(lambda: office.make_docx(2), "docx", "doc"), 2),
