@@ -308,17 +308,7 @@ class PagePoint:
         if self.page_number < 1 or self.total_pages < self.page_number:
             raise ValueError(f"{where}: page_number must be in 1..total_pages ({self.total_pages})")
         vectors = self.vectors
-        if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.shape[0] == 0:
-            shape = getattr(vectors, "shape", None)
-            raise InvalidVectorsError(f"{where}: expected a non-empty (tokens, dim) array, got shape {shape}")
-        if vectors.dtype not in (np.float16, np.float32):
-            raise InvalidVectorsError(f"{where}: vectors must be float16 or float32, got {vectors.dtype}")
-        if not np.isfinite(vectors).all():
-            bad_rows = int((~np.isfinite(vectors)).any(axis=1).sum())
-            # Qdrant would either reject the batch or store garbage that poisons MaxSim.
-            raise InvalidVectorsError(
-                f"{where}: {bad_rows} of {vectors.shape[0]} token vectors contain NaN or inf"
-            )
+        check_page_vectors(vectors, where)
         if self.grid is not None and self.grid.stop > vectors.shape[0]:
             raise InvalidVectorsError(
                 f"{where}: patch grid {self.grid} reaches token {self.grid.stop}, "
@@ -454,13 +444,34 @@ def check_query(query: np.ndarray, dim: int) -> np.ndarray:
     return array
 
 
+def check_page_vectors(vectors: np.ndarray, where: str, dim: int | None = None) -> None:
+    """What a page's vectors must be to be stored, written once: a non-empty (tokens, dim)
+    float16 or float32 array, every number finite, ``dim`` wide when given (the index's width).
+
+    The sink runs it on what it reads from the topic, to dead-letter a bad page on its own
+    (``consumers/sink/stage.py``); :class:`PagePoint` and the stores' upserts hold to it, so
+    a caller that bypasses the sink cannot write such a page either."""
+    if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.shape[0] == 0:
+        shape = getattr(vectors, "shape", None)
+        raise InvalidVectorsError(f"{where}: expected a non-empty (tokens, dim) array, got shape {shape}")
+    if vectors.dtype not in (np.float16, np.float32):
+        raise InvalidVectorsError(f"{where}: vectors must be float16 or float32, got {vectors.dtype}")
+    if dim is not None and vectors.shape[1] != dim:
+        raise InvalidVectorsError(
+            f"{where}: vectors have dimension {vectors.shape[1]}, the pages collection holds {dim}"
+        )
+    finite = np.isfinite(vectors)
+    if not finite.all():
+        bad_rows = int((~finite).any(axis=1).sum())
+        # Qdrant would either reject the batch or store garbage that poisons MaxSim.
+        raise InvalidVectorsError(f"{where}: {bad_rows} of {vectors.shape[0]} token vectors contain NaN or inf")
+
+
 def check_page_dims(points: Sequence[PagePoint], dim: int) -> None:
+    """The width check of :func:`check_page_vectors` for points (already valid otherwise)."""
     for point in points:
         if point.vectors.shape[1] != dim:
-            raise InvalidVectorsError(
-                f"document {point.document_id!r} page {point.page_number}: vectors have dim "
-                f"{point.vectors.shape[1]}, the pages collection holds {dim}"
-            )
+            check_page_vectors(point.vectors, f"document {point.document_id!r} page {point.page_number}", dim)
 
 
 def record_from_payload(payload: dict[str, Any]) -> DocumentRecord:

@@ -314,12 +314,17 @@ class PageVectors(_Frozen):
         array: np.ndarray,
         image_grid: tuple[int, int, int] | None = None,
     ) -> PageVectors:
-        """``image_grid``: (image_token_start, grid_rows, grid_cols) when the model reported one."""
+        """``image_grid``: (image_token_start, grid_rows, grid_cols) when the model reported one.
+
+        The embedder's output check, the one place its vectors are validated: what goes on
+        the topic is float16, so that is what is checked (a float32 value past float16's
+        range would become inf). Raises ValueError for an empty array or NaN/inf."""
         if array.ndim != 2 or array.shape[0] == 0:
             raise ValueError(f"expected a non-empty (tokens, dim) array, got shape {array.shape}")
-        if not np.isfinite(array).all():
-            raise ValueError("page vectors contain NaN or inf")
-        half = np.ascontiguousarray(array, dtype="<f2")
+        with np.errstate(over="ignore"):
+            half = np.ascontiguousarray(array, dtype="<f2")
+        if not np.isfinite(half).all():
+            raise ValueError("page vectors contain NaN or inf (in float16)")
         start, rows, cols = image_grid if image_grid is not None else (None, None, None)
         return cls(
             document=document,

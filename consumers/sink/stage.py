@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
-
 from colstream.consumers.sink.core import SinkCore, SinkOutcome
 from colstream.consumers.sink.limits import VectorsTooLarge, WriteLimits, fit_page
 from colstream.infra.blob_gc import BlobJanitor, open_owned_store
@@ -23,7 +21,13 @@ from colstream.infra.metrics import StageMetrics
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_failures import StageFailures
 from colstream.infra.stage_runner import Backpressure, Emit, RawRecord, StageRunner
-from colstream.infra.vectorstore import InvalidVectorsError, PatchGrid, VectorStore, open_vector_store
+from colstream.infra.vectorstore import (
+    InvalidVectorsError,
+    PatchGrid,
+    VectorStore,
+    check_page_vectors,
+    open_vector_store,
+)
 from colstream.schemas import InvalidRecord, PageVectors, PipelineError, VectorsMessage, decode_vectors, encode
 
 log = logging.getLogger(__name__)
@@ -34,25 +38,24 @@ STAGE = "sink"
 def check_vectors(message: PageVectors, dim: int, model: str | None = None) -> None:
     """The sink's input check, the one place vectors from the topic are validated:
     Qdrant must never see a NaN, a wrong-sized vector or another model's vectors; such a
-    page is dead-lettered. ``model``: the label of the index's model (None: not checked)."""
+    page is dead-lettered. ``model``: the label of the index's model (None: not checked).
+    What valid vectors are is :func:`~colstream.infra.vectorstore.check_page_vectors`."""
+    where = f"document {message.document.document_id!r} page {message.page_number}"
     if model is not None and message.model != model:
         raise InvalidVectorsError(f"vectors come from model {message.model!r}; the index belongs to {model!r}")
     try:
         array = message.to_array()
     except ValueError as exc:
         raise InvalidVectorsError(f"vectors do not decode to {message.num_tokens}x{message.dim}: {exc}") from exc
-    if message.dim != dim:
-        raise InvalidVectorsError(f"vectors have dimension {message.dim}, the collection holds {dim}")
-    if not np.isfinite(array).all():
-        raise InvalidVectorsError("vectors contain NaN or inf")
+    check_page_vectors(array, where, dim)
     if message.page_number > message.total_pages:
         raise InvalidVectorsError(f"page {message.page_number} of {message.total_pages}")
 
 
 def write_limits(settings: ColstreamSettings) -> WriteLimits:
     """Qdrant's limits for this deployment: a server is reached over REST (request body
-    limit ``qdrant.max_request_mb``); the embedded Edge store has no request, only the
-    per-multivector limit, which Qdrant's engine enforces in both."""
+    limit ``qdrant.max_request_mb``). The embedded Edge store takes no requests, but the
+    per-multivector limit is applied there too, so an index can move to a server as it is."""
     qdrant = settings.qdrant
     layout = {
         "pooler": qdrant.oversize_pooler,

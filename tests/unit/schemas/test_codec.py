@@ -69,6 +69,15 @@ def test_page_vectors_round_trip_as_float16_and_refuse_nan() -> None:
         PageVectors.from_array(document=ref, page_number=1, total_pages=1, model="m", array=bad)
 
 
+def test_page_vectors_refuse_values_that_overflow_float16() -> None:
+    # Finite in float32, inf once on the topic: the embedder's check sees what it publishes.
+    array = np.ones((3, 8), dtype=np.float32)
+    array[1, 2] = 1e6
+    with pytest.raises(ValueError, match="NaN or inf"):
+        PageVectors.from_array(document=DocumentRef(document_id="d", version=1), page_number=1, total_pages=1,
+                               model="m", array=array)
+
+
 def test_pages_topic_rejects_unknown_message_types() -> None:
     with pytest.raises(InvalidRecord, match="invalid pages-topic message"):
         decode_page_message(json.dumps({"type": "mystery"}).encode())
