@@ -191,20 +191,16 @@ def start_pipeline(
 def _migrating_source_store(settings: ColstreamSettings) -> VectorStore | None:
     """While a migration is active the serving pipeline writes the source index by name: the
     alias moves to the target at cutover (colstream.migration). None: follow the alias."""
-    if settings.qdrant.url:
-        return None
     from colstream.migration.core import FileStateStore, pipeline_index, state_file
-    from colstream.migration.embedded import EdgeIndexAdmin
+    from colstream.migration.embedded import index_admin
 
     source = pipeline_index(FileStateStore(state_file(settings)).load())
-    return EdgeIndexAdmin(settings.qdrant).open(source) if source is not None else None
+    return index_admin(settings.qdrant).open(source) if source is not None else None
 
 
 def start_migrations(pipeline: Pipeline) -> Any:
-    """The migration runtime of ``run all`` on the embedded store (None on a Qdrant server,
-    where migrations run as Kubernetes Jobs); resumes a migration the state file records."""
-    if pipeline.settings.qdrant.url:
-        return None
+    """The migration runtime of ``run all`` (the embedded store, or a Qdrant server that this
+    one process serves); resumes a migration the state file records."""
     from colstream.migration.embedded import EmbeddedMigrations
 
     migrations = EmbeddedMigrations(pipeline)

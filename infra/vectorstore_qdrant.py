@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _LAYOUT_METADATA_KEY = "colstream_pages_layout"
 _MODEL_METADATA_KEY = "colstream_index_model"
+_RECORDS_METADATA_KEY = "colstream_records_collection"
 # Pages read to tell which model wrote an index that predates recorded models.
 _LEGACY_SAMPLE = 256
 _SCROLL_PAGE = 256
@@ -62,7 +63,17 @@ _TIMEOUT_S = 120
 class QdrantServerVectorStore:
     backend = "qdrant"
 
-    def __init__(self, settings: QdrantSettings, client: QdrantClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: QdrantSettings,
+        client: QdrantClient | None = None,
+        *,
+        index: str | None = None,
+        records: str | None = None,
+    ) -> None:
+        """``index`` pins the store to that collection instead of the one the alias points at
+        (a migration writes its target this way): created there, the alias left alone.
+        ``records`` names the records collection of a new index."""
         self._settings = settings
         if client is None:
             if not settings.url:
@@ -72,9 +83,12 @@ class QdrantServerVectorStore:
         self._client = client
         self._alias = settings.collection
         # The concrete collection behind the alias, once known (until then the alias).
-        self._pages = settings.collection
-        self._resolved = False
-        self._records = settings.records_collection
+        self._pages = index or settings.collection
+        self._pinned = self._resolved = index is not None
+        # Each index names its records collection in its metadata; one that names none uses
+        # the configured records collection.
+        self._records_default = records or settings.records_collection
+        self._records_name: str | None = None
         self._layout: PagesLayout | None = None
         self._model: IndexModel | None = None
         self._known_collections: set[str] = set()
@@ -101,7 +115,22 @@ class QdrantServerVectorStore:
 
     @property
     def index_name(self) -> str:
+        self._resolve_index()
         return self._pages
+
+    @property
+    def _records(self) -> str:
+        if self._records_name is None:
+            if not self._exists(self._pages):
+                return self._records_default  # no index yet: decided when it is created
+            metadata = self._client.get_collection(self._pages).config.metadata or {}
+            recorded = metadata.get(_RECORDS_METADATA_KEY)
+            self._records_name = recorded if isinstance(recorded, str) and recorded else self._records_default
+        return self._records_name
+
+    @property
+    def records_name(self) -> str:
+        return self._records
 
     def _model_of_existing(self) -> IndexModel | None:
         recorded = (self._client.get_collection(self._pages).config.metadata or {}).get(_MODEL_METADATA_KEY)
@@ -124,17 +153,19 @@ class QdrantServerVectorStore:
         """Open (or create) ``model``'s index behind the alias; IndexModelMismatch before any write."""
         wanted = pages_layout(self._settings, model.dim)
         self._resolve_index()
-        if not self._resolved:
-            name = index_collection_name(self._alias, model)
+        if not self._resolved or (self._pinned and not self._exists(self._pages)):
+            name = self._pages if self._pinned else index_collection_name(self._alias, model)
             if not self._exists(name):
                 self._create_quietly(
                     name,
                     **self._settings.cluster_layout(),
                     quantization_config=_quantization_config(self._settings),
                     vectors_config=_pages_vectors_config(wanted),
-                    metadata={_LAYOUT_METADATA_KEY: wanted.as_dict(), _MODEL_METADATA_KEY: model.as_dict()},
+                    metadata={_LAYOUT_METADATA_KEY: wanted.as_dict(), _MODEL_METADATA_KEY: model.as_dict(),
+                              _RECORDS_METADATA_KEY: self._records_default},
                 )
-            self._point_alias(name)
+            if not self._pinned:
+                self._point_alias(name)
             self._pages, self._resolved = name, True
         where = f"index {self._alias!r} (collection {self._pages!r})"
         recorded = self._model_of_existing()
@@ -516,3 +547,24 @@ def _terms_filter(terms: list[tuple[str, list[FilterScalar]]]) -> qm.Filter | No
         else:
             must.append(qm.Filter(should=[_value_condition(path, v) for v in values]))
     return qm.Filter(must=must)
+
+
+# -- index administration (migrations) ------------------------------------------------------
+def point_alias(client: QdrantClient, alias: str, index: str) -> None:
+    """Point ``alias`` at ``index`` in one request: the server applies the operations atomically."""
+    if not client.collection_exists(index):
+        raise RuntimeError(f"no collection {index!r}")
+    operations: list[qm.AliasOperations] = []
+    if any(a.alias_name == alias for a in client.get_aliases().aliases):
+        operations.append(qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=alias)))
+    operations.append(qm.CreateAliasOperation(create_alias=qm.CreateAlias(collection_name=index, alias_name=alias)))
+    client.update_collection_aliases(change_aliases_operations=operations)
+
+
+def drop_index(client: QdrantClient, alias: str, index: str, records: str | None) -> None:
+    """Delete an index collection and its records collection; the alias must point elsewhere."""
+    if any(a.alias_name == alias and a.collection_name == index for a in client.get_aliases().aliases):
+        raise RuntimeError(f"collection {index!r} is what alias {alias!r} serves; point it elsewhere first")
+    for name in (index, records):
+        if name and client.collection_exists(name):
+            client.delete_collection(name)

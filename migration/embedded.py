@@ -100,6 +100,47 @@ class EdgeIndexAdmin:
         drop_index(self.qdrant, index.name, index.records)
 
 
+class QdrantIndexAdmin:
+    """The same on a Qdrant server: a collection per index, a real alias switched in one request."""
+
+    def __init__(self, qdrant: QdrantSettings, client_factory: Callable[[], Any] | None = None) -> None:
+        self.qdrant = qdrant
+        self._client_factory = client_factory or self._client
+
+    def _client(self) -> Any:
+        from qdrant_client import QdrantClient
+
+        api_key = self.qdrant.api_key.get_secret_value() if self.qdrant.api_key is not None else None
+        return QdrantClient(url=self.qdrant.url, api_key=api_key, timeout=120)
+
+    def open(self, index: IndexRef) -> VectorStore:
+        from colstream.infra.vectorstore_qdrant import QdrantServerVectorStore
+
+        return QdrantServerVectorStore(self.qdrant, self._client_factory(), index=index.name, records=index.records)
+
+    def point_alias(self, index: IndexRef) -> None:
+        from colstream.infra.vectorstore_qdrant import point_alias
+
+        client = self._client_factory()
+        try:
+            point_alias(client, self.qdrant.collection, index.name)
+        finally:
+            client.close()
+
+    def drop(self, index: IndexRef) -> None:
+        from colstream.infra.vectorstore_qdrant import drop_index
+
+        client = self._client_factory()
+        try:
+            drop_index(client, self.qdrant.collection, index.name, index.records)
+        finally:
+            client.close()
+
+
+def index_admin(qdrant: QdrantSettings) -> IndexAdmin:
+    return QdrantIndexAdmin(qdrant) if qdrant.url else EdgeIndexAdmin(qdrant)
+
+
 class BackfillKafka(Protocol):
     def ensure_topics(self, settings: ColstreamSettings) -> None: ...
 
@@ -172,7 +213,7 @@ class EmbeddedMigrations:
         self.pipeline = pipeline
         self.settings = pipeline.settings
         self.state_store = state_store or FileStateStore(state_file(self.settings))
-        self.admin = admin or EdgeIndexAdmin(self.settings.qdrant)
+        self.admin = admin or index_admin(self.settings.qdrant)
         self._build_stage = build_stage
         self.kafka = kafka or KafkaBackfillResources()
         self._identity = model_identity

@@ -154,3 +154,26 @@ def test_a_restarted_process_resumes_the_backfill_and_the_cutover(h: Harness) ->
     restarted.attach_api(lambda store, model: h.switches.append((store, model)))
     assert len(h.switches) == 1 and h.switches[0][1].family == "colpali"  # ... it serves the target once it is
     restarted.close()
+
+
+def test_the_new_model_settings_keep_the_serving_tunables_and_tiny_builds_a_local_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import ValidationError
+
+    import colstream.embedding.tiny as tiny
+    from colstream.migration.embedded import target_model_settings
+
+    settings = ColstreamSettings().updated(state_dir=tmp_path, model={"batch_size": 3, "device": "cpu"})
+    built: list[tuple[str, Path]] = []
+    monkeypatch.setattr(tiny, "ensure_tiny_checkpoint",
+                        lambda family, root: built.append((family, root)) or root / f"tiny-{family}")
+    model = target_model_settings(settings, "colpali", "ignored", "rev", tiny_model=True)
+    assert built == [("colpali", tmp_path / "models")]
+    assert (model.family, model.name_or_path, model.revision) == ("colpali", str(tmp_path / "models" / "tiny-colpali"),
+                                                                  None)
+    assert (model.batch_size, model.device) == (3, "cpu")
+    assert target_model_settings(settings, "colpali", "vidore/colpali-v1.3", None, False).name_or_path == (
+        "vidore/colpali-v1.3")
+    with pytest.raises(ValidationError):
+        target_model_settings(settings, "no-such-family", None, None, False)
