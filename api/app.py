@@ -83,6 +83,7 @@ from colstream.api.publishing import PublishOutcomeUnknown, publish_http_error
 from colstream.api.search import build_search_router
 from colstream.api.tenancy import check_tenant_index, parse_metadata_field, visible, visible_records
 from colstream.infra.blob_names import upload_blob_name
+from colstream.infra.health import BackgroundChecks
 from colstream.infra.settings import ColstreamSettings, ModelSettings
 from colstream.schemas.events import DocumentRecord, UploadEvent, _check_document_id, utcnow
 from colstream.schemas.ids import DOCUMENT_ID_MAX_LENGTH, DOCUMENT_ID_PATTERN, DOCUMENT_ID_RULE
@@ -402,11 +403,16 @@ def _health_router(ctx: ApiContext, gpu_probe: Callable[[], bool], authenticator
         except Exception:
             return False
 
+    # Kafka and Qdrant are checked in background threads; /health waits for them at most
+    # 0.8 s and otherwise reports the last result with its age, so it answers within 1 s
+    # even when either of them hangs.
+    checks = BackgroundChecks({"kafka": ctx.kafka_probe, "qdrant": qdrant_reachable}, ctx.settings.health)
+
     @router.get("/health", response_model=HealthResponse)
     async def health(request: Request) -> HealthResponse:
-        kafka_ok, qdrant_ok, gpu = await asyncio.gather(
-            run_in_threadpool(ctx.kafka_probe), run_in_threadpool(qdrant_reachable), run_in_threadpool(gpu_probe)
-        )
+        results = await run_in_threadpool(checks.refresh, 0.8)
+        kafka_ok, qdrant_ok = bool(results["kafka"].ok), bool(results["qdrant"].ok)
+        gpu = await run_in_threadpool(gpu_probe)
         model = ctx.model.peek()
         # Open for probes; the stages' counters and errors only for a valid key.
         insider = authenticator.optional(request) is not None
@@ -421,6 +427,7 @@ def _health_router(ctx: ApiContext, gpu_probe: Callable[[], bool], authenticator
             device=str(model.device) if model is not None else ctx.settings.model.device,
             model=model_label(model) if model is not None else None,
             stages=stages,
+            checks=checks.report(),
         )
 
     return router

@@ -35,6 +35,9 @@ class HealthResponse(BaseModel):
     stages: dict[str, Any] | None = Field(
         default=None, description="Per-stage counters of the stages running in this process."
     )
+    checks: dict[str, Any] | None = Field(
+        default=None, description="Last background check of Kafka and Qdrant: ok, detail and age_s (seconds)."
+    )
 
 
 class DocumentSummary(BaseModel):

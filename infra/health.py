@@ -222,3 +222,74 @@ def serve_health(host: str, port: int, registry: HealthRegistry = HEALTH) -> Hea
     actual_port = int(server.server_address[1])
     log.info("serving /metrics, /livez and /readyz on %s:%d", host, actual_port)
     return HealthServer(host, actual_port, server, thread)
+
+
+# -- background checks of dependencies (the API's /health) -------------------------------
+@dataclass
+class CheckResult:
+    ok: bool | None  # None: not checked yet
+    detail: str
+    checked_at: float | None
+
+    def age_s(self, now: float) -> float | None:
+        return None if self.checked_at is None else round(now - self.checked_at, 1)
+
+
+class BackgroundChecks:
+    """Probes of what a server depends on (Kafka, Qdrant), each run in its own daemon thread.
+
+    :meth:`refresh` starts a probe whose previous run has finished and waits for the answers
+    at most ``wait_s``; whatever has not answered by then is reported from its last result,
+    with its age, and as failing once it has hung for ``check_timeout_s``. A hung dependency
+    holds one thread, never the caller: a health endpoint answers within ``wait_s``."""
+
+    def __init__(self, probes: dict[str, Callable[[], bool]], settings: HealthSettings,
+                 clock: Clock = time.monotonic) -> None:
+        self.probes = probes
+        self.settings = settings
+        self.clock = clock
+        self._results = {name: CheckResult(None, "not checked yet", None) for name in probes}
+        self._running: dict[str, tuple[threading.Thread, float]] = {}
+        self._lock = threading.Lock()
+
+    def _start(self, name: str) -> threading.Thread:
+        probe = self.probes[name]
+
+        def target() -> None:
+            try:
+                ok = bool(probe())
+                result = CheckResult(ok, "ok" if ok else "unreachable", self.clock())
+            except Exception as exc:
+                result = CheckResult(False, f"{type(exc).__name__}: {str(exc)[:200]}", self.clock())
+            with self._lock:
+                self._results[name] = result
+
+        thread = threading.Thread(target=target, name=f"health-check-{name}", daemon=True)
+        self._running[name] = (thread, self.clock())
+        thread.start()
+        return thread
+
+    def refresh(self, wait_s: float) -> dict[str, CheckResult]:
+        with self._lock:
+            started = [self._start(name) for name in self.probes
+                       if name not in self._running or not self._running[name][0].is_alive()]
+        deadline = self.clock() + wait_s
+        for thread in started:
+            thread.join(max(0.0, deadline - self.clock()))
+        return self.results()
+
+    def results(self) -> dict[str, CheckResult]:
+        now = self.clock()
+        with self._lock:
+            results = dict(self._results)
+            for name, (thread, since) in self._running.items():
+                hung_s = now - since
+                if thread.is_alive() and hung_s > self.settings.check_timeout_s:
+                    last = results[name]
+                    results[name] = CheckResult(False, f"no answer for {hung_s:.0f}s (last: {last.detail})",
+                                                last.checked_at)
+        return results
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        now = self.clock()
+        return {name: {"ok": r.ok, "detail": r.detail, "age_s": r.age_s(now)} for name, r in self.results().items()}

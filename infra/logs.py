@@ -203,7 +203,10 @@ def configure_logging(
         _process_stage = stage
     REDACTOR.update(secret_values(settings))
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonLineFormatter() if use_json(log_settings, stream) else TextFormatter())
+    as_json = use_json(log_settings, stream)
+    handler.setFormatter(JsonLineFormatter() if as_json else TextFormatter())
+    if as_json:
+        _no_progress_bars()
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -227,6 +230,19 @@ def configure_logging(
     logging.getLogger("librdkafka").setLevel(logging.INFO if verbosity == 0 else logging.DEBUG)
     logging.captureWarnings(True)
     return handler
+
+
+def _no_progress_bars() -> None:
+    """tqdm bars (model weights loading) would break a stream of JSON lines."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hub = sys.modules.get("huggingface_hub.utils")
+    if hub is not None:
+        hub.disable_progress_bars()
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None:
+        transformers_logging.disable_progress_bar()
 
 
 def kafka_logger() -> logging.Logger:

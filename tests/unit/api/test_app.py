@@ -635,3 +635,25 @@ def test_the_embed_image_decoder_refuses_decompression_bombs() -> None:
     assert caught.value.status_code == 413
     image = decoder.decode(b64(png_bytes(40, 30)))
     assert (image.size, image.mode) == ((40, 30), "RGB")
+
+
+def test_health_answers_within_a_second_when_kafka_hangs(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    hang = threading.Event()
+    settings = ColstreamSettings(state_dir=tmp_path).updated(blob={"local_root": tmp_path / "blobs"},
+                                                             health={"check_timeout_s": 0.5})
+    app = create_app(settings, store=FakeStore(), publisher=FakePublisher(), gpu_probe=lambda: False,
+                     kafka_probe=lambda: hang.wait(60))
+    try:
+        with TestClient(app) as client:
+            for _ in range(3):
+                started = time.monotonic()
+                body = client.get("/health").json()
+                assert time.monotonic() - started < 1.0
+                assert body["kafka_connected"] is False and body["qdrant_connected"] is True
+            assert "no answer for" in body["checks"]["kafka"]["detail"]
+            assert body["checks"]["qdrant"]["age_s"] is not None
+    finally:
+        hang.set()

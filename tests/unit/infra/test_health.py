@@ -55,6 +55,9 @@ def test_ready_needs_partitions_and_a_connected_broker() -> None:
 
 
 def test_server_answers_the_probes_and_metrics() -> None:
+    from colstream.infra.metrics import StageMetrics
+
+    StageMetrics("embedder").records_consumed(0)  # a stage's series exist once it reports
     registry = HealthRegistry()
     health = registry.register(StageHealth("embedder"))
     server = serve_health("127.0.0.1", 0, registry)
@@ -72,3 +75,36 @@ def test_server_answers_the_probes_and_metrics() -> None:
         assert httpx.get(f"{base}/nope").status_code == 404
     finally:
         server.stop()
+
+
+def test_background_checks_answer_at_once_when_a_dependency_hangs() -> None:
+    import threading
+    import time as _time
+
+    from colstream.infra.health import BackgroundChecks
+    from colstream.infra.settings import HealthSettings
+
+    hang = threading.Event()
+    calls = {"kafka": 0}
+
+    def kafka() -> bool:
+        calls["kafka"] += 1
+        hang.wait(30)
+        return True
+
+    checks = BackgroundChecks({"kafka": kafka, "qdrant": lambda: True}, HealthSettings(check_timeout_s=0.3))
+    started = _time.monotonic()
+    results = checks.refresh(0.1)
+    assert _time.monotonic() - started < 1.0
+    assert results["qdrant"].ok is True
+    assert results["kafka"].ok is None  # not answered yet, not claimed either way
+    _time.sleep(0.35)
+    results = checks.refresh(0.5)
+    assert results["kafka"].ok is False and "no answer for" in results["kafka"].detail
+    assert calls["kafka"] == 1  # a hung probe holds one thread: it is not started again
+    hang.set()
+    _time.sleep(0.1)
+    results = checks.refresh(0.5)
+    assert results["kafka"].ok is True
+    report = checks.report()
+    assert report["kafka"]["ok"] is True and report["kafka"]["age_s"] is not None
