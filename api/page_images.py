@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections import OrderedDict
@@ -30,7 +31,9 @@ from starlette.concurrency import run_in_threadpool
 
 from colstream.api.auth import Principal
 from colstream.api.page_render import ImageFormat, PageImage, PageImageError, render_in_child
-from colstream.infra.settings import ColstreamSettings, PageImageSettings
+from colstream.consumers.splitter.convert import OfficeConverter, sniff_office_format
+from colstream.consumers.splitter.render import DocumentError, read_head, sniff_kind
+from colstream.infra.settings import ColstreamSettings, ConverterSettings, PageImageSettings
 from colstream.schemas.events import DocumentRecord
 
 log = logging.getLogger(__name__)
@@ -150,6 +153,63 @@ def _version_of(path: Path) -> int:
         return -1
 
 
+# ----------------------------------------------------------------------------- converted documents
+
+# Office, HTML and text documents are converted to PDF once per version and kept for the
+# page images that follow (a result list asks for several pages of one document).
+MAX_CONVERTED_DOCUMENTS = 16
+
+
+class ConvertedDocuments:
+    """The file a page image renders from: the blob itself when PDFium or Pillow opens it,
+    else the PDF LibreOffice exports from it (the splitter's converter: sandboxed, no
+    network, bounded in time and memory), kept for the last ``keep`` document versions."""
+
+    def __init__(self, root: Path, settings: ConverterSettings, keep: int = MAX_CONVERTED_DOCUMENTS) -> None:
+        self.root = root
+        self.settings = settings
+        self.keep = keep
+        self.conversions = 0
+        self._converter: OfficeConverter | None = None
+        self._lock = threading.Lock()
+
+    def renderable(self, path: Path, document_id: str, version: int) -> Path:
+        """Raises :class:`DocumentError` when the content is no format the splitter takes."""
+        try:
+            sniff_kind(read_head(path))
+            return path
+        except DocumentError as refused:
+            office_format = sniff_office_format(path, self.settings)
+            if refused.error_type != "UnsupportedFormat" or office_format is None:
+                raise
+        digest = hashlib.sha256(document_id.encode()).hexdigest()[:32]
+        target = self.root / f"{digest}-v{version}.pdf"
+        # One conversion at a time: LibreOffice is the expensive part, and two requests for
+        # pages of one new document must not convert it twice.
+        with self._lock:
+            if target.exists():
+                os.utime(target)
+                return target
+            if self._converter is None:
+                self._converter = OfficeConverter(self.settings)
+            self.root.mkdir(parents=True, exist_ok=True)
+            with self._converter.to_pdf(path, office_format) as pdf:
+                partial = target.with_suffix(".partial")
+                shutil.copyfile(pdf, partial)
+                os.replace(partial, target)
+            self.conversions += 1
+            kept = sorted(self.root.glob("*.pdf"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for stale in kept[self.keep :]:
+                stale.unlink(missing_ok=True)
+            return target
+
+    def close(self) -> None:
+        with self._lock:
+            if self._converter is not None:
+                self._converter.close()
+                self._converter = None
+
+
 # ----------------------------------------------------------------------------- service
 
 
@@ -173,6 +233,9 @@ class PageImages:
         self._cache_lock = threading.Lock()
         self._renders = threading.BoundedSemaphore(self.settings.max_concurrent_renders)
         self.renders = 0
+        root = self.settings.cache_dir or self._default_root
+        # Beside the image cache, not in it: its byte bound counts page images only.
+        self.converted = ConvertedDocuments(root.with_name(f"{root.name}-converted"), settings.converter)
 
     @property
     def cache(self) -> PageImageCache:
@@ -203,11 +266,13 @@ class PageImages:
             return cached
         if not record.blob_uri:
             raise HTTPException(404, f"document {record.document_id!r} has no stored blob to render from")
-        image = self._render(record.blob_uri, page, width, image_format)
+        image = self._render(record, record.blob_uri, page, width, image_format)
         cache.put(record.document_id, record.version, page, width, image_format, image.data)
         return image.data
 
-    def _render(self, blob_uri: str, page: int, width: int, image_format: ImageFormat) -> PageImage:
+    def _render(
+        self, record: DocumentRecord, blob_uri: str, page: int, width: int, image_format: ImageFormat
+    ) -> PageImage:
         if not self._renders.acquire(timeout=self.settings.render_timeout_s):
             raise HTTPException(503, "every page renderer is busy; retry shortly", headers={"Retry-After": "2"})
         try:
@@ -216,9 +281,10 @@ class PageImages:
                 raise HTTPException(503, "this server's blob store cannot be read from")
             try:
                 with _downloaded(reader, blob_uri, self.limits.max_blob_bytes) as path:
+                    source = self.converted.renderable(path, record.document_id, record.version)
                     self.renders += 1
-                    return self._renderer(path, page, width, image_format)
-            except PageImageError as exc:
+                    return self._renderer(source, page, width, image_format)
+            except (PageImageError, DocumentError) as exc:
                 raise HTTPException(422, f"page {page} cannot be rendered: {exc.message} ({exc.error_type})") from exc
             except HTTPException:
                 raise

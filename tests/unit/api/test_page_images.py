@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,25 @@ def test_the_console_bundle_stays_under_200_kb() -> None:
     assert sorted(p.name for p in STATIC_DIR.iterdir() if p.is_file()) == sorted(served_files)
     total = sum((STATIC_DIR / name).stat().st_size for name in served_files)
     assert total < 200 * 1024, f"console bundle is {total} bytes"
+
+
+NO_SOFFICE = "LibreOffice is not installed (scripts/bootstrap.sh installs it)"
+
+
+@pytest.mark.skipif(shutil.which("soffice") is None, reason=NO_SOFFICE)
+def test_an_office_document_is_converted_once_and_its_pages_are_served(served: Any) -> None:
+    from tests.fixtures.office import make_docx
+
+    client, store, _app, settings = served
+    store_document(store, settings, "memo.docx", 3, make_docx(2))
+    auth = {"X-API-Key": READER}
+    first = client.get("/documents/memo.docx/pages/1/image?width=300", headers=auth)
+    second = client.get("/documents/memo.docx/pages/2/image?width=300", headers=auth)
+    assert first.status_code == 200 and second.status_code == 200, (first.text, second.text)
+    assert decoded(first.content).size[0] == 300 and first.content != second.content
+    converted = list(settings.page_images.cache_dir.with_name("cache-converted").glob("*-v3.pdf"))
+    assert len(converted) == 1  # both pages came from one conversion
+    # a file that is no document at all is refused with the reason, not a 5xx
+    store_document(store, settings, "noise", 1, b"\x00\x01 definitely not a document " * 40)
+    refused = client.get("/documents/noise/pages/1/image?width=300", headers=auth)
+    assert refused.status_code == 422 and "UnsupportedFormat" in refused.json()["detail"]
