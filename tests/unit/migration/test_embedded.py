@@ -177,3 +177,36 @@ def test_the_new_model_settings_keep_the_serving_tunables_and_tiny_builds_a_loca
         "vidore/colpali-v1.3")
     with pytest.raises(ValidationError):
         target_model_settings(settings, "no-such-family", None, None, False)
+
+
+def test_a_restarted_pipeline_writes_the_source_by_name_while_a_migration_is_active(tmp_path: Path) -> None:
+    from colstream.app import _migrating_source_store
+    from colstream.infra.vectorstore_edge import EdgeVectorStore, point_alias
+    from colstream.migration.core import FileStateStore, IndexRef, plan_cutover, plan_finish, plan_start, state_file
+
+    settings = ColstreamSettings().updated(state_dir=tmp_path, qdrant={"path": tmp_path / "q", "url": None})
+    assert _migrating_source_store(settings) is None  # no migration: follow the alias
+    source_store = EdgeVectorStore(settings.qdrant)
+    source_store.ensure_collections(model=OLD)
+    source = IndexRef(source_store.index_name, source_store.records_name, OLD)
+    source_store.close()
+    target_store = EdgeVectorStore(settings.qdrant, index="colpali_embeddings--new", records="records--new")
+    target_store.ensure_collections(model=NEW)
+    target_store.close()
+    target = IndexRef("colpali_embeddings--new", "records--new", NEW)
+    state, _ = plan_start(None, migration_id="m1", source=source, target=target, target_model={"family": "colpali"})
+    cut, _ = plan_cutover(state, measure_nothing(), force=True)
+    FileStateStore(state_file(settings)).save(cut)
+    point_alias(settings.qdrant, target.name)  # what the cutover did
+    pinned = _migrating_source_store(settings)
+    assert pinned is not None and pinned.index_name == source.name and pinned.index_model() == OLD  # type: ignore[attr-defined]
+    pinned.close()
+    done, _ = plan_finish(cut)
+    FileStateStore(state_file(settings)).save(done)
+    assert _migrating_source_store(settings) is None  # finished: the alias serves the new index
+
+
+def measure_nothing() -> Any:
+    from colstream.migration.core import Progress
+
+    return Progress(0, 0, 0, 0)

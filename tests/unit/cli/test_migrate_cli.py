@@ -1,0 +1,33 @@
+"""`colstream migrate`: one clear line when no `run all` answers, and the status summary."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from colstream.cli.migrate import MigrateError, call_api, summary
+from colstream.infra.settings import ColstreamSettings
+
+
+def test_without_a_running_api_the_command_says_where_the_migration_runs(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    settings = ColstreamSettings().updated(state_dir=tmp_path, api={"public_url": f"http://127.0.0.1:{port}"})
+    with pytest.raises(MigrateError) as refused:
+        call_api(settings, "GET", "", timeout_s=5)
+    assert "colstream run all" in str(refused.value) and "docs/operations.md" in str(refused.value)
+
+
+def test_the_summary_shows_documents_and_pages_done_of_total() -> None:
+    status = {
+        "migration_id": "m1", "phase": "backfilling", "serving": "src",
+        "source": {"name": "src", "model": {"model_id": "old"}},
+        "target": {"name": "dst", "model": {"model_id": "new"}},
+        "documents": {"done": 3, "total": 5}, "pages": {"done": 9, "total": 14}, "complete": False,
+        "pending": ["b", "c"],
+    }
+    text = summary(status)
+    assert "3/5 documents, 9/14 pages" in text and "in progress" in text and "waiting for: b, c" in text
