@@ -78,7 +78,11 @@ def test_help_never_starts_anything(args: list[str], monkeypatch: pytest.MonkeyP
 def test_kafka_tool_help_and_arguments_pass_through(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     calls: list[list[str]] = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    def call(cmd: list[str]) -> int:
+        calls.append(cmd)
+        return 0
+
+    monkeypatch.setattr(subprocess, "call", call)
     assert cli.main(["kafka", "tool", "--help"]) == 0
     assert "usage: colstream kafka tool TOOL" in capsys.readouterr().out
     assert calls == []
