@@ -42,18 +42,10 @@ from colstream.api.content import (
     clean_filename,
 )
 from colstream.api.contract import install_error_contract
-from colstream.api.deps import (
-    BlobWriterLike,
-    EmbedderLike,
-    Lazy,
-    LazyProxy,
-    PublisherLike,
-    RecordStoreLike,
-    model_label,
-)
 from colstream.api.failures import public_reason, scrub_paths
 from colstream.api.guards import RejectControlCharactersInPath
 from colstream.api.images import EmbedImageDecoder, LimitBodyPerPath, embed_body_limits
+from colstream.api.lazy import Lazy, LazyProxy
 from colstream.api.limits import LimitRequestBody
 from colstream.api.models import (
     AcceptedResponse,
@@ -79,6 +71,7 @@ from colstream.api.progress import (
     summary,
     upload_finished,
 )
+from colstream.api.protocols import BlobWriterLike, EmbedderLike, PublisherLike, RecordStoreLike, model_label
 from colstream.api.publishing import PublishOutcomeUnknown, publish_http_error
 from colstream.api.search import build_search_router
 from colstream.api.tenancy import check_tenant_index, parse_metadata_field, visible, visible_records

@@ -35,9 +35,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from colstream.api.auth import Principal
-from colstream.api.deps import model_label
 from colstream.api.page_images import PageImages, build_page_image_router
 from colstream.api.progress import summary
+from colstream.api.protocols import model_label
 from colstream.infra.dead_letters import RedriveOutcome, Selection
 from colstream.infra.settings import ApiScope, ColstreamSettings
 from colstream.schemas import DeadLetter

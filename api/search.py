@@ -18,8 +18,8 @@ from fastapi import APIRouter, Depends, HTTPException
 from starlette.concurrency import run_in_threadpool
 
 from colstream.api.auth import Principal
-from colstream.api.deps import EmbedderLike, model_label
 from colstream.api.models import ErrorResponse, SearchRequest, SearchResponse, SearchResult
+from colstream.api.protocols import EmbedderLike, model_label
 from colstream.api.tenancy import check_filter_keys, scoped_filter
 from colstream.infra.vectorstore import METADATA_PAYLOAD_KEY, UnknownFilterKey
 
