@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ def test_settings_accept_every_family_and_refuse_others() -> None:
 # -- dtype rule -------------------------------------------------------------------------
 
 
-def _gpu(capability: tuple[int, int]):  # type: ignore[no-untyped-def]
+def _gpu(capability: tuple[int, int]) -> Callable[[torch.device], tuple[int, int]]:
     return lambda device: capability
 
 

@@ -200,7 +200,7 @@ def test_sink_pools_an_over_limit_page_and_writes_the_rest_untouched(sink_settin
     finally:
         handler.close()
     assert [r.topic for r in outputs] == [sink_settings.topics.indexed]
-    assert json.loads(outputs[0].value)["state"] == "complete"
+    assert json.loads(outputs[0].value or b"null")["state"] == "complete"
     stored = {p.page_number: p.vectors.shape[0] for p in store.points.values()}
     assert stored[2] == 50 and 0 < stored[1] <= 300 and stored[1] * 2560 < QDRANT_MAX_MULTIVECTOR_NUMBERS
 
@@ -212,11 +212,11 @@ def test_sink_dead_letters_an_over_limit_page_when_pooling_is_off(sink_settings:
         outputs = handler.write(raw_records(page_message("w", 1, 2, 410, 2560), page_message("w", 2, 2, 50, 2560)))
     finally:
         handler.close()
-    letters = [json.loads(r.value) for r in outputs if r.topic == sink_settings.topics.dlq]
+    letters = [json.loads(r.value or b"null") for r in outputs if r.topic == sink_settings.topics.dlq]
     assert len(letters) == 1 and letters[0]["error_type"] == "VectorsTooLarge"
     assert "410 x 2560 = 1,049,600 numbers" in letters[0]["message"]
     assert {p.page_number for p in store.points.values()} == {2}
-    done = [json.loads(r.value) for r in outputs if r.topic == sink_settings.topics.indexed]
+    done = [json.loads(r.value or b"null") for r in outputs if r.topic == sink_settings.topics.indexed]
     assert done and done[0]["state"] == "partial" and done[0]["failed_pages"] == [1]
 
 
@@ -281,7 +281,8 @@ def test_real_server_refuses_the_whole_batch_and_the_sink_splits_it(
         outputs = handler.write(raw_records(*messages))
         assert handler.core.upsert_calls >= 3
         assert store.count_pages("big") == 8
-        assert [json.loads(r.value)["state"] for r in outputs if r.topic == settings.topics.indexed] == ["complete"]
+        indexed = [json.loads(r.value or b"null") for r in outputs if r.topic == settings.topics.indexed]
+        assert [event["state"] for event in indexed] == ["complete"]
         hits = store.search(messages[4].to_array()[:3].astype(np.float32), limit=1)
         assert hits and hits[0][1]["page_number"] == 5
     finally:
@@ -320,7 +321,7 @@ def test_real_server_takes_a_pooled_page_and_never_sees_a_refused_one(
     handler = SinkHandler(refused, store)
     try:
         outputs = handler.write(raw_records(over, fine))
-        letters = [json.loads(r.value) for r in outputs if r.topic == refused.topics.dlq]
+        letters = [json.loads(r.value or b"null") for r in outputs if r.topic == refused.topics.dlq]
         assert [letter["error_type"] for letter in letters] == ["VectorsTooLarge"]
         assert "420 x 2560 = 1,075,200 numbers" in letters[0]["message"]
         assert [p["page_number"] for p in store.page_payloads("wide")] == [2]
