@@ -127,3 +127,45 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_a_stage_run_alone_serves_metrics_and_probes_on_the_metrics_port(
+    pipeline_settings: ColstreamSettings, tmp_path: Path
+) -> None:
+    from tests.integration.test_user_flows import free_port
+
+    settings = pipeline_settings
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**settings_env(settings), "COLSTREAM_METRICS__PORT": str(port), "COLSTREAM_METRICS__HOST": "127.0.0.1",
+           "COLSTREAM_LOG__FORMAT": "json", "COLSTREAM_SHUTDOWN__GRACE_S": str(GRACE_S)}
+    with open(tmp_path / "splitter.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "colstream", "run", "splitter"], env=env, cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: proc.poll() is not None or _status(f"{base}/readyz") == 200, 120, what="/readyz")
+            assert proc.poll() is None, (tmp_path / "splitter.log").read_text()[-3000:]
+            assert _status(f"{base}/livez") == 200
+            path = settings.blob.local_root / "alone.pdf"
+            path.write_bytes(make_pdf(3))
+            kcat_produce(settings, settings.topics.uploads, [upload_line("alone", path.resolve().as_uri())])
+            wait_for(lambda: _value(_metrics(base), "colstream_records_produced_total", stage="splitter") >= 3, 120,
+                     what="three pages produced")
+            samples = _metrics(base)
+            assert _value(samples, "colstream_records_consumed_total", stage="splitter") == 1
+            assert _value(samples, "colstream_batch_seconds_count", stage="splitter") >= 1
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(GRACE_S + 30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = [json.loads(line) for line in (tmp_path / "splitter.log").read_text().splitlines() if line.strip()]
+    assert all(line["stage"] for line in lines)
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=2).status_code
+    except httpx.HTTPError:
+        return 0
