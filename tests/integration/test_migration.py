@@ -66,7 +66,7 @@ def put_pdf(settings: ColstreamSettings, name: str, pages: int) -> str:
 
 
 def test_migration_to_another_model_while_searches_uploads_and_deletes_go_on(
-    pipeline_settings: ColstreamSettings, tmp_path: Path
+    pipeline_settings: ColstreamSettings, tiny_colpali: Path, tmp_path: Path
 ) -> None:
     settings = on_free_port(pipeline_settings)
     before = {"alpha": 2, "bravo": 1, "charlie": 3, "delta": 1}
@@ -85,10 +85,11 @@ def test_migration_to_another_model_while_searches_uploads_and_deletes_go_on(
         old_model = searcher.answers[-1][1]
         assert old_model and "random weights" in old_model
 
-        started = migrate_json(settings, "start", "--family", "colpali", "--tiny-model")
+        # the session's tiny ColPali checkpoint (what --tiny-model builds, without building it again)
+        started = migrate_json(settings, "start", "--family", "colpali", "--name-or-path", str(tiny_colpali))
         assert started["phase"] == "backfilling" and started["source"]["model"]["family"] == "colqwen2"
         assert started["target"]["model"]["family"] == "colpali"
-        code, out = migrate(settings, "start", "--family", "colpali", "--tiny-model", ok=False)
+        code, out = migrate(settings, "start", "--family", "colpali", "--name-or-path", str(tiny_colpali), ok=False)
         assert code != 0 and "backfilling" in out  # one migration at a time
 
         # uploads and a delete keep arriving mid-migration: both indexes must follow them
