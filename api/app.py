@@ -330,13 +330,7 @@ def app_from_env() -> FastAPI:
 
 
 def _mount_eventgrid(app: FastAPI, settings: ColstreamSettings, ctx: ApiContext) -> None:
-    try:
-        from colstream.producers.eventgrid import build_eventgrid_router
-    except ModuleNotFoundError as exc:
-        if exc.name != "colstream.producers.eventgrid":
-            raise
-        log.info("Event Grid webhook not available in this build")
-        return
+    from colstream.api.eventgrid import build_eventgrid_router
     from colstream.producers.eventgrid import EventGridNotSecured
 
     try:

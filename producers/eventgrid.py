@@ -1,7 +1,8 @@
 """Azure Event Grid webhook: a blob dropped into storage becomes an upload event.
 
-Mounted at ``/eventgrid`` (``POST`` for deliveries, ``OPTIONS`` for the
-CloudEvents abuse-protection handshake) by :func:`build_eventgrid_router`.
+This is the core: parsing, the document id rule, ordering, duplicates and the shared
+secret's check. :mod:`colstream.api.eventgrid` mounts it at ``/eventgrid`` (``POST``
+for deliveries, ``OPTIONS`` for the CloudEvents abuse-protection handshake).
 
 Schemas: the Event Grid schema (a JSON array of ``{id, eventType, subject,
 eventTime, data, ...}``) and CloudEvents 1.0 (one event, or a batch as
@@ -45,7 +46,7 @@ reported, not retried: retrying cannot fix it.
 Authentication: every request (``POST`` and ``OPTIONS``) must carry the shared
 secret, as ``?key=<secret>`` on the subscription's webhook URL or in the
 ``X-Colstream-Eventgrid-Key`` delivery header; both are compared in constant time
-(digests of equal length). :func:`build_eventgrid_router` refuses to build a route
+(digests of equal length). :func:`colstream.api.eventgrid.build_eventgrid_router` refuses to build a route
 without a secret unless ``allow_unauthenticated`` is set explicitly.
 
 Envelopes are read by the Azure SDK (``azure.eventgrid.EventGridEvent`` for the
@@ -85,7 +86,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlsplit
@@ -93,14 +94,9 @@ from urllib.parse import unquote, urlsplit
 from azure.core.messaging import CloudEvent
 from azure.eventgrid import EventGridEvent
 from cachetools import LRUCache
-from fastapi import APIRouter, BackgroundTasks, Request, Response
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 
-from colstream.api.models import ErrorResponse
 from colstream.infra.blobstore import AzureBlob, BlobError, resolve_blob_uri
-from colstream.infra.settings import BlobSettings, ColstreamSettings, EventGridSettings
+from colstream.infra.settings import BlobSettings, EventGridSettings
 from colstream.schemas.events import UploadEvent
 from colstream.schemas.ids import is_valid_document_id
 
@@ -120,7 +116,6 @@ class Publisher(Protocol):
     def publish_delete(self, document_id: str) -> None: ...
 
 
-HttpGet = Callable[[str], Any]
 
 
 # --------------------------------------------------------------------------- parsing
@@ -424,23 +419,7 @@ def is_event_grid_url(url: str, settings: EventGridSettings) -> bool:
     )
 
 
-def default_http_get(url: str) -> int:
-    import httpx
-
-    # No redirects: a redirect could walk us off the Event Grid host we checked.
-    response = httpx.get(url, timeout=30.0, follow_redirects=False)
-    return response.status_code
-
-
-def _run_validation_get(http_get: HttpGet, url: str) -> None:
-    try:
-        result = http_get(url)
-        log.info("eventgrid: validation GET %s -> %s", urlsplit(url).hostname, result)
-    except Exception as error:  # background task: log, never crash the server
-        log.error("eventgrid: validation GET to %s failed: %s", urlsplit(url).hostname, error)
-
-
-# --------------------------------------------------------------------------- HTTP
+# --------------------------------------------------------------------------- authentication
 
 
 KEY_HEADER = "X-Colstream-Eventgrid-Key"
@@ -471,111 +450,3 @@ def check_secured(settings: EventGridSettings) -> None:
             "the Event Grid webhook needs COLSTREAM_EVENTGRID__SHARED_SECRET (appended as ?key=... to the "
             "subscription's endpoint); set COLSTREAM_EVENTGRID__ALLOW_UNAUTHENTICATED=true to run it open"
         )
-
-
-class AbuseProtectionAnswer(BaseModel):
-    """The body of an answered ``OPTIONS /eventgrid``; the handshake itself is in the headers."""
-
-    allowed_methods: list[str] = Field(default_factory=lambda: ["POST", "OPTIONS"])
-    allowed_origin: str | None = Field(description="The WebHook-Allowed-Origin sent back, when one was asked.")
-
-
-def build_eventgrid_router(
-    settings: ColstreamSettings, publisher: Publisher, http_get: HttpGet | None = None
-) -> APIRouter:
-    """FastAPI router with ``POST /eventgrid`` and ``OPTIONS /eventgrid``.
-
-    Raises :class:`EventGridNotSecured` when no secret is configured and
-    unauthenticated deliveries were not allowed explicitly."""
-    eg = settings.eventgrid
-    check_secured(eg)
-    if eg.shared_secret is None:
-        log.warning("eventgrid: the webhook accepts unauthenticated deliveries (allow_unauthenticated=true)")
-    processor = EventGridProcessor(eg, settings.blob, publisher)
-    getter: HttpGet = http_get or default_http_get
-    router = APIRouter(tags=["eventgrid"])
-    # Tests and operators can reach the core (e.g. to inspect state).
-    router.eventgrid_processor = processor  # type: ignore[attr-defined]
-
-    def _authorised(request: Request) -> bool:
-        return delivery_authorised(eg, request.query_params.get("key"), request.headers.get(KEY_HEADER))
-
-    def refused(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"detail": message}, status_code=status, headers=headers)
-
-    def unauthorised() -> JSONResponse:
-        return refused(401, f"missing or wrong Event Grid key: put the shared secret in ?key= or {KEY_HEADER}")
-
-    documented_error = {"model": ErrorResponse}
-
-    @router.options(
-        "/eventgrid",
-        response_model=AbuseProtectionAnswer,
-        responses={401: documented_error, 403: documented_error},
-        summary="CloudEvents abuse-protection handshake",
-    )
-    async def abuse_protection(request: Request, background: BackgroundTasks) -> Response:
-        if not _authorised(request):
-            return unauthorised()
-        allow = {"Allow": "POST, OPTIONS"}
-        origin = request.headers.get("WebHook-Request-Origin")
-        if not origin:
-            return JSONResponse(AbuseProtectionAnswer(allowed_origin=None).model_dump(), headers=allow)
-        if origin.lower() not in {o.lower() for o in eg.allowed_origins}:
-            allowed = ", ".join(eg.allowed_origins)
-            return refused(403, f"origin {origin[:100]!r} may not deliver here; allowed: {allowed}")
-        headers = {"WebHook-Allowed-Origin": origin, **allow}
-        if request.headers.get("WebHook-Request-Rate"):
-            headers["WebHook-Allowed-Rate"] = "*"
-        callback = request.headers.get("WebHook-Request-Callback")
-        if callback:
-            if not is_event_grid_url(callback, eg):
-                return refused(403, "WebHook-Request-Callback must be an https URL on an Event Grid host")
-            background.add_task(run_in_threadpool, _run_validation_get, getter, callback)
-        return JSONResponse(AbuseProtectionAnswer(allowed_origin=origin).model_dump(), headers=headers)
-
-    @router.post(
-        "/eventgrid",
-        responses={code: documented_error for code in (400, 401, 413, 503)},
-        summary="Event Grid deliveries (Event Grid schema or CloudEvents 1.0)",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"description": "An Event Grid delivery (array or CloudEvent)."}}
-                },
-            }
-        },
-    )
-    async def deliver(request: Request, background: BackgroundTasks) -> Response:
-        if not _authorised(request):
-            return unauthorised()
-        declared = request.headers.get("content-length")
-        too_large = f"the delivery is larger than {eg.max_body_bytes} bytes (COLSTREAM_EVENTGRID__MAX_BODY_BYTES)"
-        if declared and declared.isdigit() and int(declared) > eg.max_body_bytes:
-            return refused(413, too_large)
-        raw = await request.body()
-        if len(raw) > eg.max_body_bytes:
-            return refused(413, too_large)
-        try:
-            events = parse_delivery(json.loads(raw))
-        except (ValueError, DeliveryError) as error:
-            return refused(400, f"not an Event Grid delivery: {error}")
-        try:
-            outcome = await run_in_threadpool(processor.process, events)
-        except Exception as error:
-            log.exception("eventgrid: publishing failed; Event Grid will retry")
-            return refused(503, f"publish failed: {type(error).__name__}; Event Grid retries the delivery")
-        if outcome.validation_response is not None:
-            return JSONResponse({"validationResponse": outcome.validation_response})
-        if outcome.validation_url is not None:
-            background.add_task(run_in_threadpool, _run_validation_get, getter, outcome.validation_url)
-        return JSONResponse(
-            {
-                "uploads": outcome.uploads,
-                "deletes": outcome.deletes,
-                "skipped": [{"id": event_id, "reason": reason} for event_id, reason in outcome.skipped],
-            }
-        )
-
-    return router
