@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 from colstream.infra.settings import BlobSettings, ColstreamSettings
 from colstream.schemas.errors import PipelineError
@@ -237,15 +237,40 @@ def _endpoint_match(uri: str, parts: Any, endpoints: dict[str, str]) -> tuple[st
 
 def resolve_blob_uri(uri: str, settings: BlobSettings) -> BlobLocation:
     """Check a URI against the allowlist and say where it points. Pure: no I/O but realpath."""
-    if not isinstance(uri, str) or not uri or len(uri) > 4096:
-        raise _not_allowed(str(uri)[:100], "blob URI is empty or too long")
-    if any(ch.isspace() or ord(ch) < 0x20 for ch in uri):
-        raise _not_allowed(uri, "blob URI contains whitespace or control characters")
+    _check_uri_text(uri)
     scheme = uri.split(":", 1)[0].lower()
     if scheme == "file":
         return _resolve_file(uri, settings)
     if scheme not in ("https", "http"):
         raise _not_allowed(uri, f"scheme {scheme!r} is not supported")
+    parts, port = _parsed_url(uri)
+    match = _endpoint_match(uri, parts, effective_endpoints(settings))
+    if match is not None:  # a configured endpoint: an emulator, a sovereign cloud, a private link
+        account, endpoint, rest = match
+        container, blob = _split_container_blob(uri, rest)
+        _check_container(uri, settings, account, container)
+        return AzureBlob(uri=uri, account=account, endpoint=endpoint, container=container, blob=blob)
+    account = _public_azure_account(uri, scheme, (parts.hostname or "").lower(), port)
+    container, blob = _split_container_blob(uri, parts.path)
+    _check_account_allowed(uri, settings, account, container)
+    return AzureBlob(
+        uri=uri,
+        account=account,
+        endpoint=f"https://{account}{_AZURE_HOST_SUFFIX}",
+        container=container,
+        blob=blob,
+    )
+
+
+def _check_uri_text(uri: str) -> None:
+    if not isinstance(uri, str) or not uri or len(uri) > 4096:
+        raise _not_allowed(str(uri)[:100], "blob URI is empty or too long")
+    if any(ch.isspace() or ord(ch) < 0x20 for ch in uri):
+        raise _not_allowed(uri, "blob URI contains whitespace or control characters")
+
+
+def _parsed_url(uri: str) -> tuple[SplitResult, int | None]:
+    """An http(s) URL without userinfo, query or fragment, and with a host."""
     try:
         parts = urlsplit(uri)
         port = parts.port
@@ -257,17 +282,13 @@ def resolve_blob_uri(uri: str, settings: BlobSettings) -> BlobLocation:
         raise _not_allowed(
             uri, "blob URLs must not carry a query or fragment (credentials come from settings, not events)"
         )
-    host = (parts.hostname or "").lower()
-    if not host:
+    if not parts.hostname:
         raise _not_allowed(uri, "URL has no host")
+    return parts, port
 
-    match = _endpoint_match(uri, parts, effective_endpoints(settings))
-    if match is not None:
-        account, endpoint, rest = match
-        container, blob = _split_container_blob(uri, rest)
-        _check_container(uri, settings, account, container)
-        return AzureBlob(uri=uri, account=account, endpoint=endpoint, container=container, blob=blob)
 
+def _public_azure_account(uri: str, scheme: str, host: str, port: int | None) -> str:
+    """The storage account of an ``https://<account>.blob.core.windows.net`` URL."""
     if scheme != "https":
         raise _not_allowed(uri, "plain http:// is only accepted for a configured emulator endpoint")
     with contextlib.suppress(ValueError):
@@ -280,24 +301,18 @@ def resolve_blob_uri(uri: str, settings: BlobSettings) -> BlobLocation:
     account = host[: -len(_AZURE_HOST_SUFFIX)]
     if not _ACCOUNT_RE.match(account):
         raise _not_allowed(uri, f"{account!r} is not a storage account name")
-    container, blob = _split_container_blob(uri, parts.path)
+    return account
+
+
+def _check_account_allowed(uri: str, settings: BlobSettings, account: str, container: str) -> None:
     if account in settings.azure_accounts:
         _check_container(uri, settings, account, container)
-    elif not (
-        settings.azure_upload_container
-        and account == upload_account(settings)
-        and container in _own_containers(settings)
-    ):
-        # The upload account is readable without an allowlist entry, but only its
-        # upload and claim-check containers: what the store itself wrote.
+        return
+    # The upload account is readable without an allowlist entry, but only its upload
+    # and claim-check containers: what the store itself wrote.
+    own = settings.azure_upload_container and account == upload_account(settings)
+    if not (own and container in _own_containers(settings)):
         raise _not_allowed(uri, f"storage account {account!r} is not in BlobSettings.azure_accounts")
-    return AzureBlob(
-        uri=uri,
-        account=account,
-        endpoint=f"https://{account}{_AZURE_HOST_SUFFIX}",
-        container=container,
-        blob=blob,
-    )
 
 
 def _safe_blob_name(name: str) -> str:
