@@ -14,6 +14,7 @@ active, the backfill is not complete, the wrong phase) or 400, with the reason.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -21,7 +22,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from colstream.api.failures import public_reason
 from colstream.api.models import ErrorResponse
+
+log = logging.getLogger(__name__)
 
 
 class MigrationsLike(Protocol):
@@ -47,10 +51,11 @@ class MigrationStart(BaseModel):
     tiny_model: bool = Field(default=False, description="A locally built tiny checkpoint with RANDOM WEIGHTS.")
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 409, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 409, 500)}
 
 
 def build_migration_router(migrations: MigrationsLike, require: Callable[[str], Any]) -> APIRouter:
+    from colstream.embedding.profile import ModelIdentityError
     from colstream.migration.core import MigrationError
 
     router = APIRouter(prefix="/admin/migration", tags=["migration"], responses=_ERRORS,
@@ -64,8 +69,11 @@ def build_migration_router(migrations: MigrationsLike, require: Callable[[str], 
         except ValidationError as exc:
             reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise HTTPException(400, reasons) from None
-        except ValueError as exc:
-            raise HTTPException(400, str(exc)) from exc
+        except (ValueError, ModelIdentityError) as exc:  # e.g. a checkpoint without a projection layer
+            raise HTTPException(400, public_reason(exc)) from exc
+        except Exception as exc:
+            log.exception("migration command failed")
+            raise HTTPException(500, f"migration command failed: {public_reason(exc)}") from exc
 
     @router.post("")
     async def start(request: MigrationStart) -> dict[str, Any]:

@@ -103,3 +103,18 @@ def test_a_cutover_switches_search_to_the_new_store_and_its_model_at_once(tmp_pa
     second = client.post("/search", json={"query": "x"}, headers=auth("reader")).json()
     assert second["model"] == "new-model" and [r["model"] for r in second["results"]] == ["new-model"]
     assert len(new_store.search_calls) == 1 and len(old_store.search_calls) == 1
+
+
+def test_a_failing_command_answers_with_its_kind(tmp_path: Path) -> None:
+    from colstream.embedding.profile import ModelIdentityError
+
+    migrations = FakeMigrations()
+    client = TestClient(create_app(make_settings(tmp_path), store=FakeStore(), publisher=FakePublisher(),
+                                   migrations=migrations), raise_server_exceptions=False)
+    migrations.refuse = ModelIdentityError("checkpoint '/srv/models/x' has no multivector projection")  # type: ignore[assignment]
+    bad = client.post("/admin/migration", json={"family": "colpali"}, headers=auth("admin"))
+    assert bad.status_code == 400 and "ModelIdentityError" in bad.json()["detail"]
+    assert "/srv/models" not in bad.json()["detail"]
+    migrations.refuse = RuntimeError("disk full")  # type: ignore[assignment]
+    broken = client.post("/admin/migration/finish", headers=auth("admin"))
+    assert broken.status_code == 500 and "disk full" in broken.json()["detail"]
