@@ -89,6 +89,10 @@ def test_migration_to_another_model_while_searches_uploads_and_deletes_go_on(
         started = migrate_json(settings, "start", "--family", "colpali", "--name-or-path", str(tiny_colpali))
         assert started["phase"] == "backfilling" and started["source"]["model"]["family"] == "colqwen2"
         assert started["target"]["model"]["family"] == "colpali"
+        # at once, before any document could be re-embedded: the cutover is refused, with the count
+        early_cut = httpx.post(f"{url}/admin/migration/cutover", timeout=60)
+        assert early_cut.status_code == 409 and "not complete" in early_cut.json()["detail"]
+        assert "documents" in early_cut.json()["detail"] and "--force" in early_cut.json()["detail"]
         code, out = migrate(settings, "start", "--family", "colpali", "--name-or-path", str(tiny_colpali), ok=False)
         assert code != 0 and "backfilling" in out  # one migration at a time
 
