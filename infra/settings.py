@@ -49,7 +49,7 @@ class KafkaSettings(Section):
     sasl_password: SecretStr | None = None
     ssl_ca_location: str | None = None
     client_id: str = "colstream"
-    # Throughput knobs (issue 5 measures them against librdkafka's defaults).
+    # Throughput knobs; bench/kafka_tuning.py measures them against librdkafka's defaults.
     linger_ms: int = 20
     batch_size: int = 1_000_000
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
@@ -205,8 +205,10 @@ class ConverterSettings(Section):
 
 
 class ModelSettings(Section):
-    # "colqwen2" or "colpali"; the id/path is passed to from_pretrained as-is.
-    family: Literal["colqwen2", "colpali"] = "colqwen2"
+    # A family of embedding/families.py; the id/path is passed to from_pretrained as-is.
+    family: Literal[
+        "colqwen2", "colqwen2_5", "colqwen3", "colqwen3_5", "colpali", "colidefics3", "colmodernvbert", "colgemma3"
+    ] = "colqwen2"
     name_or_path: str | None = None
     # Hub revision (branch, tag or commit) of name_or_path; recorded with the index.
     revision: str | None = None
@@ -227,9 +229,15 @@ class QdrantSettings(Section):
     collection: str = "colpali_embeddings"
     records_collection: str = "colstream_documents"
     on_disk_float16: bool = True
-    # Storage options (issue 5); off by default.
+    # Storage options (see infra/vectorstore.py; measured by bench/storage_options.py); off by default.
     token_pooling_factor: int = 0
     mean_pooled_prefetch: bool = False
+    # Qdrant's write limits (consumers/sink/limits.py): a page whose multivector would reach
+    # 1,048,576 numbers, or whose request would pass the server's body limit, is pooled
+    # down to fit with this pooler; "off" dead-letters it as VectorsTooLarge instead.
+    oversize_pooler: Literal["hierarchical", "off"] = "hierarchical"
+    # The server's service.max_request_size_mb (REST); upserts are split to stay under it.
+    max_request_mb: int = Field(default=32, ge=1)
     # Upload metadata keys that get a payload index on the pages and may be used in a
     # search filter. ``tenant`` is indexed as the tenant key (``is_tenant`` on a server).
     indexed_metadata: list[str] = Field(default_factory=lambda: ["tenant"])
@@ -265,7 +273,6 @@ class QdrantSettings(Section):
             "write_consistency_factor": self.write_consistency_factor,
         }
         return {name: value for name, value in layout.items() if value is not None}
-
 
     @field_validator("indexed_metadata")
     @classmethod
@@ -370,8 +377,9 @@ class WebhookSettings(Section):
     # Plain http:// targets; off: only https, except to an explicitly listed loopback host.
     allow_http: bool = False
     # One delivery is retried with exponential backoff and jitter for at most this long,
-    # then dead-lettered with the last status.
-    retry_for_s: float = Field(default=300.0, gt=0)
+    # then dead-lettered with the last status. With timeout_s it stays inside the consumer's
+    # max.poll.interval.ms (300 s), which a rebalance waiting on a retry must not reach.
+    retry_for_s: float = Field(default=240.0, gt=0)
     backoff_initial_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
     timeout_s: float = Field(default=10.0, gt=0)
@@ -472,6 +480,18 @@ class PageImageSettings(Section):
     max_concurrent_renders: int = Field(default=2, ge=1)
 
 
+class GcSettings(Section):
+    """Blobs colstream stored itself (uploads/, claims/) and expired records (``colstream gc``)."""
+
+    # A blob no record points at is removed once it is this old: long enough for any
+    # upload still on its way through the pipeline (or an unknown-outcome publish) to land.
+    orphan_min_age_s: float = Field(default=86_400.0, ge=0)
+    # A failed version's upload stays this long after the failure, for a redrive.
+    failed_retention_s: float = Field(default=7 * 86_400.0, ge=0)
+    # Superseded blobs the sink waits to release until the newer version settles (per process).
+    max_pending_releases: int = Field(default=100_000, ge=1)
+
+
 class ShutdownSettings(Section):
     # On SIGTERM a stage stops polling and gives in-flight work this long before it
     # leaves uncommitted work to be replayed. Pod grace periods must exceed it.
@@ -549,6 +569,7 @@ class ColstreamSettings(BaseSettings):
     sink: SinkSettings = Field(default_factory=SinkSettings)
     page_images: PageImageSettings = Field(default_factory=PageImageSettings)
     shutdown: ShutdownSettings = Field(default_factory=ShutdownSettings)
+    gc: GcSettings = Field(default_factory=GcSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     log: LogSettings = Field(default_factory=LogSettings)
