@@ -1,9 +1,12 @@
-"""The server store's side of a migration, on qdrant-client's local mode (it keeps aliases):
-an index pinned by name with records of its own, the alias switched in one request, the old
-index dropped only once the alias serves another."""
+"""The server store's side of a migration, on qdrant-client's local mode (it keeps aliases)
+and on the real Qdrant server (skipped where its binary is absent): an index pinned by name
+with records of its own, the alias switched in one request, the old index dropped only once
+the alias serves another."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +45,22 @@ def page(model: IndexModel, doc: str) -> PagePoint:
                      model=model.label, vectors=vectors)
 
 
-def test_a_pinned_collection_with_its_records_becomes_what_the_alias_serves(tmp_path: Path) -> None:
-    client = QdrantClient(path=str(tmp_path / "local"))
+@pytest.fixture(params=["local", "server"])
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QdrantClient]:
+    if request.param == "local":
+        opened = QdrantClient(path=str(tmp_path / "local"))
+    else:
+        opened = QdrantClient(url=request.getfixturevalue("qdrant_url"))
+    yield opened
+    opened.close()
+
+
+def test_a_pinned_collection_with_its_records_becomes_what_the_alias_serves(client: QdrantClient) -> None:
     shared: Any = Shared(client)
-    settings = QdrantSettings(url="http://unused:6333")
+    unique = f"m{time.monotonic_ns()}"  # the session's server is shared by other tests
+    settings = QdrantSettings(
+        url="http://unused:6333", collection=f"{unique}_pages", records_collection=f"{unique}_docs"
+    )
     serving = QdrantServerVectorStore(settings, shared)
     serving.ensure_collections(model=OLD)
     serving.upsert_pages([page(OLD, "a")])
@@ -76,4 +91,3 @@ def test_a_pinned_collection_with_its_records_becomes_what_the_alias_serves(tmp_
     assert not client.collection_exists(source.name) and not client.collection_exists(source.records)
     with pytest.raises(RuntimeError):
         point_alias(shared, settings.collection, source.name)
-    client.close()
