@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.config import SchemathesisConfig
@@ -58,6 +59,7 @@ def build_app(tmp_path: Path) -> Any:
                       poll_interval_s=0.01, gpu_probe=lambda: False)
 
 
+@pytest.mark.slow  # a minute of generated requests: full suite only
 def test_every_route_keeps_the_published_contract(tmp_path: Path) -> None:
     schema = schemathesis.openapi.from_asgi("/openapi.json", build_app(tmp_path), config=CONFIG)
     operations = [result.ok() for result in schema.get_all_operations()]

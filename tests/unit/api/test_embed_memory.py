@@ -36,7 +36,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[3]
 MB = 1024 * 1024
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+# A uvicorn child per module and peak-RSS bounds under big bodies: full suite only, not the quick tier.
+pytestmark = [pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc"),
+              pytest.mark.slow]
 
 
 def free_port() -> int:

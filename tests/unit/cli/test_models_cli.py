@@ -47,6 +47,7 @@ def test_models_list_json_reads_tiny_dims_from_the_checkpoints(
     }
 
 
+@pytest.mark.slow  # builds a checkpoint from scratch in a child process
 def test_models_build_tiny_keeps_its_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "smol"
     assert cli.main(["models", "build-tiny", "--out", str(out), "--family", "colidefics3"]) == 0

@@ -8,6 +8,7 @@ import subprocess
 import time
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import olefile  # type: ignore[import-untyped]
 import pypdfium2 as pdfium
@@ -19,9 +20,15 @@ from colstream.infra.settings import ConverterSettings
 from tests.fixtures import docs, office
 
 SETTINGS = ConverterSettings(timeout_s=120)
-needs_soffice = pytest.mark.skipif(
+_soffice_missing = pytest.mark.skipif(
     not soffice_available(SETTINGS), reason="LibreOffice (soffice) is not installed; scripts/bootstrap.sh installs it"
 )
+
+
+def needs_soffice(test: Any) -> Any:
+    """Conversions through the real LibreOffice take seconds each: they run in the full suite
+    (``scripts/test.sh``, CI), not in the quick tier, and are skipped where soffice is missing."""
+    return pytest.mark.slow(_soffice_missing(test))
 
 
 def _docx(paragraphs: int) -> bytes:

@@ -89,6 +89,9 @@ def _in_process_outcome(ready: Prepared, target: PlainTarget) -> Indexed | DeadL
 # --- the corpus ------------------------------------------------------------------------------
 
 
+# The hostile corpus (built once per module, its Office files converted by LibreOffice) and the
+# worker crash and timeout suites take minutes together: full suite only, not the quick tier.
+@pytest.mark.slow
 def test_corpus_is_big_and_covers_both_outcomes(corpus: list[CorpusCase]) -> None:
     assert len(corpus) >= 60
     assert len({c.name for c in corpus}) == len(corpus)
@@ -109,6 +112,7 @@ def test_corpus_is_big_and_covers_both_outcomes(corpus: list[CorpusCase]) -> Non
     assert any(isinstance(c.expected, Indexed) and c.expected.failed_pages for c in corpus)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [COLQWEN2, COLPALI], ids=["colqwen2", "colpali"])
 def test_each_corpus_case_gets_its_expected_outcome_in_process(
     corpus: list[CorpusCase], prepared: dict[str, Prepared], target: PlainTarget
@@ -121,11 +125,13 @@ def test_each_corpus_case_gets_its_expected_outcome_in_process(
     assert mismatches == {}
 
 
+@pytest.mark.slow
 def test_no_macro_of_the_corpus_ran(corpus: list[CorpusCase], prepared: dict[str, Prepared]) -> None:
     assert any(case.name == "odt_macro" for case in corpus) and not isinstance(prepared["odt_macro"], DocumentError)
     assert not (corpus[0].data_path.parent / MACRO_MARKER).exists()
 
 
+@pytest.mark.slow
 def test_each_corpus_case_gets_its_expected_outcome_through_worker_processes(
     corpus: list[CorpusCase], prepared: dict[str, Prepared], renderer: StreamingRenderer
 ) -> None:
@@ -151,6 +157,7 @@ def test_each_corpus_case_gets_its_expected_outcome_through_worker_processes(
     assert renderer.workers_replaced == 0
 
 
+@pytest.mark.slow
 def test_document_errors_carry_an_actionable_message(
     corpus: list[CorpusCase], prepared: dict[str, Prepared]
 ) -> None:
@@ -363,6 +370,7 @@ def test_streaming_yields_in_order_with_bounded_outstanding_work(tmp_path: Path)
         assert pool.workers_replaced == 0
 
 
+@pytest.mark.slow
 def test_abandoning_a_document_leaves_the_pool_usable(tmp_path: Path) -> None:
     path = _write(tmp_path, "long.pdf", docs.make_pdf(60))
     with StreamingRenderer(2, LIMITS, chunk_pages=4) as pool:
@@ -373,6 +381,7 @@ def test_abandoning_a_document_leaves_the_pool_usable(tmp_path: Path) -> None:
         assert again == list(range(1, 61))
 
 
+@pytest.mark.slow
 def test_a_page_past_the_time_limit_fails_alone_and_its_worker_is_replaced(tmp_path: Path) -> None:
     path = _write(tmp_path, "heavy.pdf", docs.make_heavy_pdf(6, heavy_page=3, depth=6))
     with StreamingRenderer(2, LimitSettings(render_timeout_s=1.0), chunk_pages=3) as pool:
@@ -389,6 +398,7 @@ def test_a_page_past_the_time_limit_fails_alone_and_its_worker_is_replaced(tmp_p
         assert len(set(pool.worker_pids()) - pids_before) == 1
 
 
+@pytest.mark.slow
 def test_a_worker_crash_fails_only_the_page_in_flight(tmp_path: Path) -> None:
     path = _write(tmp_path, "p.pdf", docs.make_pdf(8))
     with StreamingRenderer(2, LIMITS, chunk_pages=4, page_hook=faults.segfault_on_page_3) as pool:
@@ -401,6 +411,7 @@ def test_a_worker_crash_fails_only_the_page_in_flight(tmp_path: Path) -> None:
         assert len(pool.worker_pids()) == 2
 
 
+@pytest.mark.slow
 def test_a_document_that_always_kills_its_worker_is_given_up_quickly(tmp_path: Path) -> None:
     path = _write(tmp_path, "p.pdf", docs.make_pdf(40))
     with StreamingRenderer(2, LIMITS, chunk_pages=4, page_hook=faults.always_die) as pool:

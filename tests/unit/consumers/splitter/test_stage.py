@@ -29,9 +29,15 @@ from colstream.schemas import DocumentDeleted, DocumentFailed, PageTask, decode_
 from colstream.testing import InMemoryBroker, ListEmit, RunningStage, wait_until
 from tests.fixtures import docs, office
 
-needs_soffice = pytest.mark.skipif(
+_soffice_missing = pytest.mark.skipif(
     not soffice_available(ColstreamSettings().converter), reason="LibreOffice is not installed"
 )
+
+
+def needs_soffice(test: Any) -> Any:
+    """Conversions through the real LibreOffice take seconds each: they run in the full suite
+    (``scripts/test.sh``, CI), not in the quick tier, and are skipped where soffice is missing."""
+    return pytest.mark.slow(_soffice_missing(test))
 
 
 def _record(document_id: str, blob: Path, offset: int, **extra: object) -> RawRecord:
