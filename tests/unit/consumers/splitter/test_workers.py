@@ -21,7 +21,7 @@ from tests.fixtures import docs, faults
 
 COLQWEN2 = PlainTarget(max_pixels=768 * 28 * 28)
 # Long enough that rendering a tiny page never hits it on a loaded CI machine.
-OPEN_TIMEOUT_S = 3.0
+OPEN_TIMEOUT_S = 5.0
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
