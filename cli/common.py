@@ -53,15 +53,33 @@ def _log_settings_from_env() -> LogSettings | None:
         return None
 
 
-def connect(settings: ColstreamSettings | None = None, *, start: bool = False) -> ColstreamSettings:
+def connect(settings: ColstreamSettings | None = None, *, start: bool = False,
+            wait_for_broker: bool = False) -> ColstreamSettings:
     """Settings naming a broker that answers with these credentials, or a one-line error
-    within seconds (wrong password, wrong protocol, nothing listening): never a hang."""
+    within seconds (wrong password, wrong protocol, nothing listening): never a hang.
+
+    ``wait_for_broker`` (long-running stages): a broker that does not answer yet is waited
+    for, with one line each time it is tried again, as a stage started during a broker
+    restart must; credentials and protocol mismatches still fail at once."""
+    import logging
+
+    from tenacity import Retrying, retry_if_exception_type, wait_exponential
+
     from colstream.app import load_settings, resolve_broker
-    from colstream.infra.kafka_check import BrokerProblem, check_broker
+    from colstream.infra.kafka_check import BrokerProblem, BrokerUnreachable, check_broker
 
     settings = resolve_broker(settings or load_settings(), start=start)
+    log = logging.getLogger("colstream.cli")
     try:
-        check_broker(settings)
+        if not wait_for_broker:
+            check_broker(settings)
+            return settings
+        for attempt in Retrying(retry=retry_if_exception_type(BrokerUnreachable),
+                                wait=wait_exponential(multiplier=1, max=15), reraise=True,
+                                before_sleep=lambda state: log.warning(
+                                    "%s; trying again", state.outcome.exception() if state.outcome else "")):
+            with attempt:
+                check_broker(settings)
     except BrokerProblem as exc:
         fail(str(exc))
     return settings

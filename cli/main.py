@@ -190,8 +190,16 @@ def _register_stage(name: str) -> None:
     def command(tiny_model: TinyModel = False) -> None:
         settings = _stage_settings(tiny_model)
         setup_logging(settings, stage=name)
-        # A wrong password or protocol ends here in one line, not in a consumer that retries forever.
-        raise typer.Exit(run_stage(name, connect(settings)))  # type: ignore[arg-type]
+        # A wrong password or protocol ends here in one line, not in a consumer that retries forever;
+        # a broker that is down or restarting is waited for.
+        from colstream.infra.health import HealthPortInUse
+
+        connected = connect(settings, wait_for_broker=True)
+        try:
+            code = run_stage(name, connected)  # type: ignore[arg-type]
+        except HealthPortInUse as exc:
+            fail(str(exc))
+        raise typer.Exit(code)
 
     command.__doc__ = (f"Run the {name} stage alone; serves /metrics, /livez and /readyz on "
                        "COLSTREAM_METRICS__PORT (9400).")

@@ -20,6 +20,7 @@ Prometheus registry, from ``prometheus_client``'s threading WSGI server.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -202,6 +203,10 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+class HealthPortInUse(RuntimeError):
+    """The metrics and probes port is taken."""
+
+
 @dataclass
 class HealthServer:
     host: str
@@ -215,8 +220,19 @@ class HealthServer:
 
 
 def serve_health(host: str, port: int, registry: HealthRegistry = HEALTH) -> HealthServer:
-    """Serve ``/metrics``, ``/livez`` and ``/readyz`` from a daemon thread; ``port=0`` picks one."""
-    server = make_server(host, port, health_wsgi_app(registry), ThreadingWSGIServer, handler_class=_QuietHandler)
+    """Serve ``/metrics``, ``/livez`` and ``/readyz`` from a daemon thread; ``port=0`` picks one.
+
+    Raises :class:`HealthPortInUse` (one line for a person) when the port is taken."""
+    try:
+        server = make_server(host, port, health_wsgi_app(registry), ThreadingWSGIServer,
+                             handler_class=_QuietHandler)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise HealthPortInUse(
+            f"port {port} on {host} is in use: another stage (or process) serves there; give this one "
+            "its own COLSTREAM_METRICS__PORT (0 picks a free port)"
+        ) from None
     thread = threading.Thread(target=server.serve_forever, name="health-http", daemon=True)
     thread.start()
     actual_port = int(server.server_address[1])

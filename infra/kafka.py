@@ -325,3 +325,31 @@ def describe_topic_configs(settings: ColstreamSettings, names: Sequence[str]) ->
         entries = future.result(timeout=30)
         result[res.name] = {k: v.value for k, v in entries.items()}
     return result
+
+
+def committed_offsets(
+    settings: ColstreamSettings, group: str, topic: str, timeout_s: float = 10.0
+) -> dict[int, tuple[int, int, int]]:
+    """Per partition of ``topic``: (``group``'s committed offset or -1, low, high watermark).
+
+    Asked through a consumer of ``group`` that never subscribes (so it never joins the
+    group or moves its offsets), not the admin API: librdkafka's ListConsumerGroupOffsets
+    crashes the process when the group's coordinator is not ready yet, as right after a
+    broker restart (confluentinc/librdkafka#5040)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({**settings.kafka.common_config(), "group.id": group, "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout_s).topics[topic]
+        if metadata.error is not None:
+            raise RuntimeError(f"{topic}: {metadata.error.str()}")
+        partitions = [TopicPartition(topic, p) for p in sorted(metadata.partitions)]
+        found = {}
+        for tp in consumer.committed(partitions, timeout=timeout_s):
+            if tp.error is not None:
+                raise RuntimeError(f"{topic} [{tp.partition}]: {tp.error.str()}")
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=timeout_s)
+            found[tp.partition] = (tp.offset if tp.offset >= 0 else -1, low, high)
+        return found
+    finally:
+        consumer.close()

@@ -35,6 +35,11 @@ class BrokerProblem(RuntimeError):
     """The broker cannot be used with these settings; the message is one line for a person."""
 
 
+class BrokerUnreachable(BrokerProblem):
+    """Nothing answers at the bootstrap address (down, restarting, not started yet): unlike a
+    wrong password or protocol, this can fix itself, so a long-running stage waits for it."""
+
+
 def principal(settings: ColstreamSettings) -> str:
     user = settings.kafka.sasl_username
     return f"User:{user}" if user else "User:ANONYMOUS"
@@ -116,11 +121,13 @@ def check_broker(settings: ColstreamSettings, timeout_s: float = 15.0) -> Cluste
             # on this client's protocol (PLAINTEXT against SASL or TLS, say).
             if _any_port_open(settings.kafka.bootstrap_servers or ""):
                 raise BrokerProblem(_mismatch(settings))
-            raise BrokerProblem(_nothing_listens(settings))
+            raise BrokerUnreachable(_nothing_listens(settings))
     if _refused(errors):
-        raise BrokerProblem(_nothing_listens(settings))
+        raise BrokerUnreachable(_nothing_listens(settings))
     detail = errors[-1].str() if errors else (last.str() if last is not None else "no answer")
-    raise BrokerProblem(f"Kafka at {settings.kafka.bootstrap_servers} did not answer within {timeout_s:.0f}s: {detail}")
+    raise BrokerUnreachable(
+        f"Kafka at {settings.kafka.bootstrap_servers} did not answer within {timeout_s:.0f}s: {detail}"
+    )
 
 
 def _nothing_listens(settings: ColstreamSettings) -> str:

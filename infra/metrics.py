@@ -221,29 +221,11 @@ GroupLag = Callable[[str, str], int]
 def group_lag(settings: ColstreamSettings, group: str, topic: str, timeout_s: float = 10.0) -> int:
     """Records on ``topic`` past ``group``'s committed offsets (a partition without a
     commit counts from its start, as ``auto.offset.reset=earliest`` reads it)."""
-    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-    from confluent_kafka.admin import AdminClient, OffsetSpec
+    from colstream.infra.kafka import committed_offsets
 
-    admin = AdminClient(settings.kafka.common_config())
-    metadata = admin.list_topics(topic, timeout=timeout_s).topics[topic]
-    if metadata.error is not None:
-        raise RuntimeError(f"{topic}: {metadata.error.str()}")
-    partitions = [TopicPartition(topic, p) for p in metadata.partitions]
-    committed_future = admin.list_consumer_group_offsets(
-        [ConsumerGroupTopicPartitions(group, partitions)], request_timeout=timeout_s
-    )[group]
-    committed = {tp.partition: tp.offset for tp in committed_future.result(timeout=timeout_s).topic_partitions}
-    starts = admin.list_offsets({tp: OffsetSpec.earliest() for tp in partitions}, request_timeout=timeout_s)
-    ends = admin.list_offsets({tp: OffsetSpec.latest() for tp in partitions}, request_timeout=timeout_s)
     total = 0
-    for tp in partitions:
-        key = TopicPartition(topic, tp.partition)
-        start = starts[key].result(timeout=timeout_s).offset
-        end = ends[key].result(timeout=timeout_s).offset
-        position = committed.get(tp.partition, -1)
-        if position is None or position < 0:
-            position = start
-        total += max(0, end - max(position, start))
+    for committed, low, high in committed_offsets(settings, group, topic, timeout_s).values():
+        total += max(0, high - max(committed, low))
     return total
 
 

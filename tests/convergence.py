@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-from confluent_kafka.admin import AdminClient
-
+from colstream.infra.kafka import committed_offsets
 from colstream.infra.settings import ColstreamSettings
 from colstream.producers.publisher import UploadPublisher
 from colstream.schemas import UploadEvent
@@ -131,29 +129,18 @@ def publish_random_operations(
 
 def group_lag(settings: ColstreamSettings, committed_out: dict[str, int] | None = None) -> dict[str, int]:
     """Records not yet committed by each stage's consumer group (and, optionally, how many were)."""
-    from confluent_kafka import Consumer
-
-    admin = AdminClient(settings.kafka.common_config())
-    consumer = Consumer({**settings.kafka.common_config(), "group.id": "lag-probe"})
     lags: dict[str, int] = {}
-    try:
-        for stage, topic in (("splitter", settings.topics.uploads), ("embedder", settings.topics.pages),
-                             ("sink", settings.topics.vectors)):
-            group = f"{settings.consumer_group_prefix}{stage}"
-            partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-            request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in partitions])
-            committed = admin.list_consumer_group_offsets([request])[group].result(timeout=10)
-            lag = done = 0
-            for tp in committed.topic_partitions:
-                low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=10)
-                position = tp.offset if tp.offset >= 0 else low
-                lag += max(0, high - position)
-                done += max(0, position - low)
-            lags[stage] = lag
-            if committed_out is not None:
-                committed_out[stage] = done
-    finally:
-        consumer.close()
+    for stage, topic in (("splitter", settings.topics.uploads), ("embedder", settings.topics.pages),
+                         ("sink", settings.topics.vectors)):
+        group = f"{settings.consumer_group_prefix}{stage}"
+        lag = done = 0
+        for committed, low, high in committed_offsets(settings, group, topic).values():
+            position = committed if committed >= 0 else low
+            lag += max(0, high - position)
+            done += max(0, position - low)
+        lags[stage] = lag
+        if committed_out is not None:
+            committed_out[stage] = done
     return lags
 
 

@@ -140,7 +140,8 @@ class StageProcess:
 
     def start(self) -> StageProcess:
         log = open(self.log_path, "wb")  # noqa: SIM115
-        env = {**settings_env(self.settings), "COLSTREAM_LOG_LEVEL": "INFO"}
+        # Several stages share this machine: each serves /metrics on a port of its own.
+        env = {**settings_env(self.settings), "COLSTREAM_LOG_LEVEL": "INFO", "COLSTREAM_METRICS__PORT": "0"}
         if self.instance_id:
             env["COLSTREAM_KAFKA__GROUP_INSTANCE_ID"] = self.instance_id
         self.proc = subprocess.Popen([sys.executable, "-m", "colstream", "run", self.stage],

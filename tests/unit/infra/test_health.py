@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from colstream.infra.health import HealthRegistry, StageHealth, serve_health
 from colstream.infra.settings import HealthSettings
@@ -108,3 +109,22 @@ def test_background_checks_answer_at_once_when_a_dependency_hangs() -> None:
     assert results["kafka"].ok is True
     report = checks.report()
     assert report["kafka"]["ok"] is True and report["kafka"]["age_s"] is not None
+
+
+def test_a_taken_port_is_one_clear_error_and_port_zero_picks_a_free_one() -> None:
+    import socket
+
+    from colstream.infra.health import HealthPortInUse
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(HealthPortInUse, match=f"port {port} on 127.0.0.1 is in use.*COLSTREAM_METRICS__PORT"):
+            serve_health("127.0.0.1", port)
+    first, second = serve_health("127.0.0.1", 0), serve_health("127.0.0.1", 0)
+    try:
+        assert first.port != second.port and 0 not in (first.port, second.port)
+    finally:
+        first.stop()
+        second.stop()
