@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError
 from colstream.infra.kafka import OutRecord
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_runner import Backpressure, BatchAbandoned, Emit, RawRecord, StageRunner
-from colstream.testing import FakeConsumer, InMemoryBroker
+from colstream.testing import FakeConsumer, InMemoryBroker, RunningStage
 
 IN, OUT, GROUP = "in", "out", "g"
 
@@ -77,27 +77,6 @@ def settings(tmp_path: Path) -> ColstreamSettings:
                                        shutdown={"grace_s": 5.0})
 
 
-class Running:
-    def __init__(self, runner: StageRunner) -> None:
-        self.runner = runner
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.runner.run()
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self, timeout: float = 10.0) -> float:
-        started = time.monotonic()
-        self.runner.request_stop()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "runner did not stop"
-        return time.monotonic() - started
-
-
 def make_runner(
     settings: ColstreamSettings, broker: InMemoryBroker, handler: ScriptedHandler, **options: object
 ) -> tuple[StageRunner, list[FakeConsumer]]:
@@ -123,8 +102,8 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 @pytest.fixture
-def started() -> Iterator[list[Running]]:
-    runs: list[Running] = []
+def started() -> Iterator[list[RunningStage]]:
+    runs: list[RunningStage] = []
     yield runs
     for run in runs:
         if run.thread.is_alive():
@@ -137,13 +116,13 @@ def publish(broker: InMemoryBroker, n: int) -> None:
 
 
 def test_outputs_keep_input_order_when_later_batches_finish_first(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     handler = ScriptedHandler()
     handler.delays = {0: 0.3, 1: 0.2, 2: 0.1}
     runner, _ = make_runner(settings, broker, handler, batch_size=1, max_in_flight=3)
     publish(broker, 6)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: broker.committed_offset(GROUP, IN) == 6)
     run.stop()
     assert broker.values(OUT) == [f"v{i}".encode() for i in range(6)]
@@ -151,12 +130,12 @@ def test_outputs_keep_input_order_when_later_batches_finish_first(
 
 
 def test_a_batch_is_committed_only_after_its_outputs_are_acknowledged(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     broker.hold_acks = True
     runner, _ = make_runner(settings, broker, ScriptedHandler())
     publish(broker, 3)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: runner.stats.records_out == 3)
     time.sleep(0.2)
     assert broker.committed_offset(GROUP, IN) is None and broker.values(OUT) == []
@@ -167,13 +146,13 @@ def test_a_batch_is_committed_only_after_its_outputs_are_acknowledged(
 
 
 def test_partitions_pause_with_batches_piling_up_and_resume_once_drained(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     handler = ScriptedHandler()
     handler.gates[0] = threading.Event()
     runner, consumers = make_runner(settings, broker, handler, batch_size=1)
     publish(broker, 8)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: bool(consumers) and bool(consumers[0].paused))
     consumer = consumers[0]
     resumes_at_pause = consumer.resume_calls  # the assignment states "not paused" once
@@ -189,13 +168,13 @@ def test_partitions_pause_with_batches_piling_up_and_resume_once_drained(
 
 
 def test_revoke_mid_batch_finishes_and_commits_before_the_partitions_go(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     handler = ScriptedHandler()
     handler.gates[0] = threading.Event()
     runner, consumers = make_runner(settings, broker, handler)
     publish(broker, 2)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: 0 in handler.attempts)
     consumers[0].request_rebalance()
     threading.Timer(0.3, handler.gates[0].set).start()
@@ -209,12 +188,12 @@ def test_revoke_mid_batch_finishes_and_commits_before_the_partitions_go(
 
 
 def test_a_failed_commit_is_retried(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     broker.commit_errors = [KafkaError(KafkaError._TRANSPORT, "broker away", retriable=True)] * 2
     runner, _ = make_runner(settings, broker, ScriptedHandler())
     publish(broker, 2)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: broker.committed_offset(GROUP, IN) == 2)
     assert broker.commit_errors == []
     run.stop()
@@ -222,13 +201,13 @@ def test_a_failed_commit_is_retried(
 
 
 def test_backpressure_pauses_rewinds_to_the_batch_and_retries_it(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     handler = ScriptedHandler()
     handler.refusals = {1: 2}  # the store refuses the batch holding offset 1 twice
     runner, consumers = make_runner(settings, broker, handler, batch_size=2)
     publish(broker, 4)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: broker.committed_offset(GROUP, IN) == 4)
     run.stop()
     assert runner.backpressure_events == 2
@@ -240,12 +219,12 @@ def test_backpressure_pauses_rewinds_to_the_batch_and_retries_it(
 
 
 def test_refused_deliveries_are_answered_with_a_retry_not_a_commit(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     broker.refuse_deliveries = 1
     runner, _ = make_runner(settings, broker, ScriptedHandler())
     publish(broker, 2)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: broker.committed_offset(GROUP, IN) == 2)
     run.stop()
     assert runner.backpressure_events == 1
@@ -254,14 +233,14 @@ def test_refused_deliveries_are_answered_with_a_retry_not_a_commit(
 
 
 def test_shutdown_does_not_wait_for_a_batch_past_the_grace(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     handler = ScriptedHandler()
     handler.gates[1] = threading.Event()  # never opened: a batch stuck for good
     handler.emit_while_working = True
     runner, _ = make_runner(settings.updated(shutdown={"grace_s": 0.5}), broker, handler, batch_size=1)
     publish(broker, 2)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: broker.committed_offset(GROUP, IN) == 1 and 1 in handler.attempts)
     took = run.stop()
     assert took < 2.5, f"stop took {took:.1f}s with a 0.5s grace"
@@ -298,7 +277,7 @@ class RevokeRecordingConsumer(FakeConsumer):
 
 
 def test_shutdown_cancels_queued_batches_and_its_revoke_raises_nothing(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     handler = ScriptedHandler(workers=1)
     handler.gates[0] = threading.Event()  # batch 0 holds the only worker; batches 1 and 2 queue behind it
@@ -312,7 +291,7 @@ def test_shutdown_cancels_queued_batches_and_its_revoke_raises_nothing(
                          batch_size=1, batch_timeout_ms=10, max_in_flight=3, consumer_factory=consumer_factory,
                          producer_factory=broker.producer)
     publish(broker, 3)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: 0 in handler.attempts and runner.stats.batches == 3)
     run.stop()
     handler.gates[0].set()
@@ -326,7 +305,7 @@ def test_shutdown_cancels_queued_batches_and_its_revoke_raises_nothing(
 
 
 def test_a_revoke_meeting_a_batch_the_handler_cancelled_raises_nothing_out_of_the_callback(
-    settings: ColstreamSettings, broker: InMemoryBroker, started: list[Running]
+    settings: ColstreamSettings, broker: InMemoryBroker, started: list[RunningStage]
 ) -> None:
     handler = ScriptedHandler(workers=1)
     handler.gates[0] = threading.Event()
@@ -344,7 +323,7 @@ def test_a_revoke_meeting_a_batch_the_handler_cancelled_raises_nothing_out_of_th
     runner = StageRunner(settings, handler, topics=[IN], group_id=GROUP, batch_size=1, batch_timeout_ms=10,
                          max_in_flight=2, consumer_factory=consumer_factory, producer_factory=broker.producer)
     publish(broker, 2)
-    started.append(run := Running(runner))
+    started.append(run := RunningStage(runner))
     wait_until(lambda: 0 in handler.attempts and runner.stats.batches == 2)
     consumers[0].request_rebalance()
     run.thread.join(10)

@@ -19,9 +19,8 @@ from standardwebhooks import Webhook
 from colstream.consumers.webhooks.core import Target
 from colstream.consumers.webhooks.stage import WebhooksHandler, build_webhooks
 from colstream.infra.settings import ColstreamSettings
-from colstream.infra.stage_runner import StageRunner
 from colstream.schemas import DocumentIndexed, encode
-from colstream.testing import InMemoryBroker
+from colstream.testing import InMemoryBroker, RunningStage
 
 INDEXED, DLQ, GROUP = "indexed", "dlq", "t-webhooks"
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
@@ -73,26 +72,6 @@ def indexed(document_id: str, tenant: str | None = None, state: str = "complete"
                            total_pages=1, indexed_pages=1, metadata={"tenant": tenant} if tenant else None)
 
 
-class Stage:
-    def __init__(self, runner: StageRunner) -> None:
-        self.runner = runner
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.runner.run()
-        except BaseException as exc:
-            self.error = exc
-
-    def stop(self) -> None:
-        self.runner.request_stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        assert self.error is None
-
-
 @pytest.fixture
 def broker() -> InMemoryBroker:
     b = InMemoryBroker()
@@ -107,19 +86,20 @@ def receivers() -> FakeReceivers:
 
 
 @pytest.fixture
-def start(broker: InMemoryBroker, receivers: FakeReceivers) -> Iterator[Callable[[ColstreamSettings], Stage]]:
-    stages: list[Stage] = []
+def start(broker: InMemoryBroker, receivers: FakeReceivers) -> Iterator[Callable[[ColstreamSettings], RunningStage]]:
+    stages: list[RunningStage] = []
 
-    def starter(settings: ColstreamSettings) -> Stage:
+    def starter(settings: ColstreamSettings) -> RunningStage:
         runner = build_webhooks(settings, sender=receivers, resolver=public_dns,
                                 consumer_factory=broker.consumer, producer_factory=broker.producer)
-        stages.append(stage := Stage(runner))
+        stages.append(stage := RunningStage(runner))
         return stage
 
     yield starter
     for stage in stages:
         if stage.thread.is_alive():
             stage.stop()
+    assert [stage.error for stage in stages if stage.error is not None] == []
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
@@ -139,7 +119,7 @@ def letters(broker: InMemoryBroker) -> list[dict[str, Any]]:
 
 
 def test_a_delivery_is_signed_verifiable_and_committed_after_the_2xx(
-    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., RunningStage]
 ) -> None:
     stage = start(settings_for(tmp_path, [{"url": "https://a.example.com/hook?x=1", "secret": SECRET_A}]))
     event = indexed("doc-1", tenant="acme")
@@ -154,7 +134,7 @@ def test_a_delivery_is_signed_verifiable_and_committed_after_the_2xx(
 
 
 def test_a_receiver_that_fails_twice_gets_one_accepted_delivery_with_one_id(
-    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., RunningStage]
 ) -> None:
     receivers.scripts["a.example.com"] = [503, 500, 200]
     stage = start(settings_for(tmp_path, [{"url": "https://a.example.com/", "secret": SECRET_A}]))
@@ -171,7 +151,7 @@ def test_a_receiver_that_fails_twice_gets_one_accepted_delivery_with_one_id(
 
 
 def test_a_receiver_that_never_answers_2xx_is_dead_lettered_with_its_last_status(
-    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., RunningStage]
 ) -> None:
     receivers.scripts["a.example.com"] = [500, 503]
     stage = start(settings_for(tmp_path, [{"url": "https://a.example.com/?token=s3cret", "secret": SECRET_A}],
@@ -189,7 +169,7 @@ def test_a_receiver_that_never_answers_2xx_is_dead_lettered_with_its_last_status
 
 
 def test_a_redirect_is_not_followed_and_not_retried(
-    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., RunningStage]
 ) -> None:
     receivers.scripts["a.example.com"] = [302]
     stage = start(settings_for(tmp_path, [{"url": "https://a.example.com/", "secret": SECRET_A}], retry_for_s=30))
@@ -203,7 +183,7 @@ def test_a_redirect_is_not_followed_and_not_retried(
 
 
 def test_a_tenant_bound_endpoint_receives_only_its_tenant(
-    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., RunningStage]
 ) -> None:
     stage = start(settings_for(tmp_path, [
         {"url": "https://a.example.com/", "secret": SECRET_A, "tenant": "acme"},
@@ -220,7 +200,7 @@ def test_a_tenant_bound_endpoint_receives_only_its_tenant(
 
 
 def test_a_disallowed_host_is_dead_lettered_without_a_request(
-    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., RunningStage]
 ) -> None:
     stage = start(settings_for(tmp_path, [
         {"url": "https://evil.example.net/steal", "secret": SECRET_A},
@@ -238,7 +218,7 @@ def test_a_disallowed_host_is_dead_lettered_without_a_request(
 
 
 def test_one_slow_endpoint_never_delays_another(
-    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., RunningStage]
 ) -> None:
     receivers.gates["a.example.com"] = gate = threading.Event()
     stage = start(settings_for(tmp_path, [
@@ -268,13 +248,14 @@ def test_a_name_that_does_not_resolve_is_retried_then_dead_lettered(
         raise OSError(-2, "Name or service not known")
 
     settings = settings_for(tmp_path, [{"url": "https://a.example.com/", "secret": SECRET_A}], retry_for_s=0.2)
-    stage = Stage(build_webhooks(settings, sender=receivers, resolver=failing_dns,
-                                 consumer_factory=broker.consumer, producer_factory=broker.producer))
+    stage = RunningStage(build_webhooks(settings, sender=receivers, resolver=failing_dns,
+                                        consumer_factory=broker.consumer, producer_factory=broker.producer))
     publish(broker, indexed("doc-1"))
     try:
         wait_until(lambda: broker.committed_offset(GROUP, INDEXED) == 1)
     finally:
         stage.stop()
+    assert stage.error is None
     [letter] = letters(broker)
     assert letter["error_type"] == "WebhookDeliveryFailed"
     assert "DNS lookup of a.example.com failed" in letter["message"]
@@ -282,7 +263,7 @@ def test_a_name_that_does_not_resolve_is_retried_then_dead_lettered(
 
 
 def test_an_invalid_record_is_dead_lettered_and_committed(
-    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., RunningStage]
 ) -> None:
     stage = start(settings_for(tmp_path, [{"url": "https://a.example.com/", "secret": SECRET_A}]))
     broker.append(INDEXED, "doc-x", b'{"document_id": "doc-x"}')
@@ -295,7 +276,7 @@ def test_an_invalid_record_is_dead_lettered_and_committed(
 
 
 def test_without_endpoints_events_are_committed_unsent(
-    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., Stage]
+    tmp_path: Path, broker: InMemoryBroker, receivers: FakeReceivers, start: Callable[..., RunningStage]
 ) -> None:
     stage = start(settings_for(tmp_path, []))
     publish(broker, indexed("doc-1"), indexed("doc-2"))
