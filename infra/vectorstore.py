@@ -290,6 +290,12 @@ def fallback_grid(tokens: int) -> PatchGrid:
 
 @dataclass(frozen=True)
 class PagePoint:
+    """One page as the store writes it. A value object that checks nothing: its vectors and
+    grid were validated where they crossed a trust boundary, by the embedder on its output
+    (``PageVectors.from_array``) and by the sink on its input (``check_vectors`` in
+    ``consumers/sink/stage.py``, and the message's own schema for the grid), and the sink is
+    the only producer of points from pipeline data."""
+
     document_id: str
     version: int
     page_number: int
@@ -302,18 +308,6 @@ class PagePoint:
     grid: PatchGrid | None = None
     # The upload's metadata, stored with every page (replaced whole by a re-upload).
     metadata: Mapping[str, Any] | None = None
-
-    def __post_init__(self) -> None:
-        where = f"document {self.document_id!r} page {self.page_number}"
-        if self.page_number < 1 or self.total_pages < self.page_number:
-            raise ValueError(f"{where}: page_number must be in 1..total_pages ({self.total_pages})")
-        vectors = self.vectors
-        check_page_vectors(vectors, where)
-        if self.grid is not None and self.grid.stop > vectors.shape[0]:
-            raise InvalidVectorsError(
-                f"{where}: patch grid {self.grid} reaches token {self.grid.stop}, "
-                f"the page has {vectors.shape[0]}"
-            )
 
     @property
     def point_id(self) -> str:
@@ -448,9 +442,9 @@ def check_page_vectors(vectors: np.ndarray, where: str, dim: int | None = None) 
     """What a page's vectors must be to be stored, written once: a non-empty (tokens, dim)
     float16 or float32 array, every number finite, ``dim`` wide when given (the index's width).
 
-    The sink runs it on what it reads from the topic, to dead-letter a bad page on its own
-    (``consumers/sink/stage.py``); :class:`PagePoint` and the stores' upserts hold to it, so
-    a caller that bypasses the sink cannot write such a page either."""
+    The sink runs it once on what it reads from the topic, to dead-letter a bad page on its
+    own (``consumers/sink/stage.py``); :class:`PagePoint` does not repeat it. The stores'
+    upserts compare only the width with their collection's (:func:`check_page_dims`)."""
     if not isinstance(vectors, np.ndarray) or vectors.ndim != 2 or vectors.shape[0] == 0:
         shape = getattr(vectors, "shape", None)
         raise InvalidVectorsError(f"{where}: expected a non-empty (tokens, dim) array, got shape {shape}")
@@ -468,7 +462,8 @@ def check_page_vectors(vectors: np.ndarray, where: str, dim: int | None = None) 
 
 
 def check_page_dims(points: Sequence[PagePoint], dim: int) -> None:
-    """The width check of :func:`check_page_vectors` for points (already valid otherwise)."""
+    """The store's own guard for its collection: a point of another width would fail the
+    whole batch inside Qdrant. One comparison per point; the values are not scanned again."""
     for point in points:
         if point.vectors.shape[1] != dim:
             check_page_vectors(point.vectors, f"document {point.document_id!r} page {point.page_number}", dim)

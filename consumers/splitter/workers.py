@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import BaseContext
@@ -50,8 +50,6 @@ from colstream.consumers.splitter.render import (
 )
 from colstream.infra.settings import LimitSettings
 
-PageHook = Callable[[int], None]
-OpenHook = Callable[[Path], None]
 RenderResult = RenderedPage | PageFailure
 
 DEFAULT_CHUNK_PAGES = 8
@@ -60,19 +58,11 @@ DEFAULT_CHUNK_PAGES = 8
 MAX_FAILURES_BEFORE_FIRST_SUCCESS = 3
 
 
-@dataclass(frozen=True, slots=True)
-class _Hooks:
-    """Fault injectors run inside the worker (tests only): before a page, before an open."""
-
-    page: PageHook | None = None
-    open: OpenHook | None = None
-
-
 # ---------------------------------------------------------------------------
 # Inside a worker process
 
 
-def _worker_main(conn: Connection, limits: LimitSettings, hooks: _Hooks) -> None:
+def _worker_main(conn: Connection, limits: LimitSettings) -> None:
     # The parent owns shutdown. A Ctrl-C in the terminal, or a SIGTERM to the whole process
     # group (systemd, an init wrapper), must not kill a worker under the parent: its pages
     # would be dead-lettered as RendererCrashed although nothing is wrong with them. The
@@ -89,16 +79,14 @@ def _worker_main(conn: Connection, limits: LimitSettings, hooks: _Hooks) -> None
             return
         if message[0] == "open":
             _, path, kind = message
-            conn.send(_inspect_in_worker(Path(path), kind, limits, hooks))
+            conn.send(_inspect_in_worker(Path(path), kind, limits))
         elif message[0] == "render":
             _, path, kind, pages, target = message
-            _render_chunk(conn, Path(path), kind, pages, target, limits, hooks)
+            _render_chunk(conn, Path(path), kind, pages, target, limits)
 
 
-def _inspect_in_worker(path: Path, kind: DocumentKind, limits: LimitSettings, hooks: _Hooks) -> tuple[Any, ...]:
+def _inspect_in_worker(path: Path, kind: DocumentKind, limits: LimitSettings) -> tuple[Any, ...]:
     try:
-        if hooks.open is not None:
-            hooks.open(path)
         return ("opened", open_document(path, kind, limits).page_count)
     except DocumentError as exc:
         return ("open_failed", exc.error_type, exc.message)
@@ -106,10 +94,8 @@ def _inspect_in_worker(path: Path, kind: DocumentKind, limits: LimitSettings, ho
         return ("open_failed", "BrokenDocument", f"the document could not be opened: {exc}")
 
 
-def _render_one(session: DocumentSession, page_number: int, target: PlainTarget, hooks: _Hooks) -> RenderResult:
+def _render_one(session: DocumentSession, page_number: int, target: PlainTarget) -> RenderResult:
     try:
-        if hooks.page is not None:
-            hooks.page(page_number)
         return session.render(page_number, target)
     except PageError as exc:
         return PageFailure(page_number, exc.error_type, exc.message)
@@ -126,14 +112,11 @@ def _render_chunk(
     pages: list[int],
     target: PlainTarget,
     limits: LimitSettings,
-    hooks: _Hooks,
 ) -> None:
     # Opening counts against the first page's time budget: a file that hangs PDFium on open
     # is caught by the same timeout.
     conn.send(("start", pages[0], time.monotonic()))
     try:
-        if hooks.open is not None:
-            hooks.open(path)
         session = open_session(path, kind, limits)
     except DocumentError as exc:
         for page_number in pages:
@@ -144,7 +127,7 @@ def _render_chunk(
         for index, page_number in enumerate(pages):
             if index:
                 conn.send(("start", page_number, time.monotonic()))
-            conn.send(("result", _render_one(session, page_number, target, hooks)))
+            conn.send(("result", _render_one(session, page_number, target)))
     finally:
         session.close()
     conn.send(("chunk_done",))
@@ -193,11 +176,7 @@ class StreamingRenderer:
         chunk_pages: int = DEFAULT_CHUNK_PAGES,
         max_outstanding_pages: int | None = None,
         start_method: str | None = None,
-        page_hook: PageHook | None = None,
-        open_hook: OpenHook | None = None,
     ) -> None:
-        """``page_hook`` runs in the worker before each page and ``open_hook`` before each open
-        of the file (fault-injection tests only)."""
         if processes < 1:
             raise ValueError("processes must be >= 1")
         self.processes = processes
@@ -205,7 +184,6 @@ class StreamingRenderer:
         self.chunk_pages = max(1, chunk_pages)
         self.max_outstanding_pages = max(self.chunk_pages, max_outstanding_pages or processes * self.chunk_pages * 2)
         self._context = _make_context(start_method)
-        self._hooks = _Hooks(page=page_hook, open=open_hook)
         self._workers: list[_Worker] = []
         self._active = False
         self._closed = False
@@ -219,7 +197,7 @@ class StreamingRenderer:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(  # type: ignore[attr-defined]
             target=_worker_main,
-            args=(child_conn, self.limits, self._hooks),
+            args=(child_conn, self.limits),
             name="colstream-render",
             daemon=True,
         )

@@ -16,8 +16,8 @@ from colstream.infra.blobstore import open_blob_store
 from colstream.infra.kafka import ensure_topics
 from colstream.infra.stage_runner import StageRunner
 from tests.conftest import make_settings
+from tests.fixtures import faults
 from tests.fixtures.docs import make_many_page_pdf
-from tests.fixtures.faults import slow_page
 from tests.harness import kcat_produce, read_all, upload_line, wait_for
 
 pytestmark = pytest.mark.kafka
@@ -26,14 +26,15 @@ PAGES = 1000
 
 
 def test_a_thousand_page_pdf_streams_pages_as_they_render_without_losing_the_partition(
-    kafka_bootstrap: str, tiny_colqwen2: Path, tmp_path: Path
+    kafka_bootstrap: str, tiny_colqwen2: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The whole document takes longer than max.poll.interval.ms on purpose: the runner
     # must keep polling (partitions paused) while the renderer works, or the group evicts it.
     settings = make_settings(tmp_path, kafka_bootstrap, tiny_colqwen2).updated(kafka={"max_poll_interval_ms": 6_000})
     ensure_topics(settings)
     (settings.blob.local_root / "big.pdf").write_bytes(make_many_page_pdf(PAGES))
-    renderer = StreamingRenderer(processes=2, limits=settings.limits, page_hook=slow_page)
+    faults.inject(monkeypatch, on_page=faults.slow_page)
+    renderer = StreamingRenderer(processes=2, limits=settings.limits)
     handler = SplitterHandler(settings, open_blob_store(settings), renderer, render_target_for(settings.model))
     runner = StageRunner(settings, handler, topics=[settings.topics.uploads],
                          group_id=f"{settings.consumer_group_prefix}splitter", batch_size=8, batch_timeout_ms=50)

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from colstream.consumers.sink.stage import SinkHandler
+from colstream.consumers.sink.stage import SinkHandler, check_vectors
 from colstream.infra.kafka import RecordPosition
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_runner import Backpressure, RawRecord, StageRunner
-from colstream.schemas import DocumentDeleted, DocumentRef, PageFailed, PageVectors, encode
+from colstream.infra.vectorstore import InvalidVectorsError
+from colstream.schemas import DocumentDeleted, DocumentRef, PageFailed, PageVectors, decode_vectors, encode
 from colstream.testing import InMemoryBroker, MemoryVectorStore, RunningStage, wait_until
 
 DIM = 16
@@ -122,6 +123,26 @@ def test_invalid_vectors_are_dead_lettered_and_the_page_settles_as_failed(
     assert store.pages_of("d") == {1: 1}
     [done] = decoded(outputs, settings.topics.indexed)
     assert (done["state"], done["failed_pages"]) == ("partial", [2])
+
+
+def test_the_input_check_names_the_page_whose_vectors_hold_nan() -> None:
+    # The sink's one check of what it reads; the store's PagePoint does not repeat it.
+    message = decode_vectors(encode(poisoned("d", 1, 2, 2)))
+    assert isinstance(message, PageVectors)
+    with pytest.raises(InvalidVectorsError, match=r"page 2.*NaN"):
+        check_vectors(message, DIM)
+
+
+def test_a_patch_grid_beyond_the_tokens_is_dead_lettered_and_writes_nothing(
+    handler: SinkHandler, store: MemoryVectorStore, settings: ColstreamSettings
+) -> None:
+    value = json.loads(encode(page("d", 1, 1, 1)))
+    value.update(image_token_start=2, grid_rows=3, grid_cols=3)  # reaches token 11 of 4
+    outputs = handler.write([raw(json.dumps(value).encode(), 5)])
+    [letter] = decoded(outputs, settings.topics.dlq)
+    assert (letter["error_type"], letter["source_offset"]) == ("InvalidVectorsMessage", 5)
+    assert "grid" in letter["message"]
+    assert store.points == {} and store.writes == 0
 
 
 def test_vectors_of_another_model_are_dead_lettered(

@@ -399,9 +399,10 @@ def test_a_page_past_the_time_limit_fails_alone_and_its_worker_is_replaced(tmp_p
 
 
 @pytest.mark.slow
-def test_a_worker_crash_fails_only_the_page_in_flight(tmp_path: Path) -> None:
+def test_a_worker_crash_fails_only_the_page_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _write(tmp_path, "p.pdf", docs.make_pdf(8))
-    with StreamingRenderer(2, LIMITS, chunk_pages=4, page_hook=faults.segfault_on_page_3) as pool:
+    faults.inject(monkeypatch, on_page=faults.segfault_on_page_3)
+    with StreamingRenderer(2, LIMITS, chunk_pages=4) as pool:
         results = list(pool.render_document(path, "pdf", 8, COLQWEN2))
         assert [r.page_number for r in results] == list(range(1, 9))
         failed = [r for r in results if isinstance(r, PageFailure)]
@@ -412,9 +413,12 @@ def test_a_worker_crash_fails_only_the_page_in_flight(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_document_that_always_kills_its_worker_is_given_up_quickly(tmp_path: Path) -> None:
+def test_a_document_that_always_kills_its_worker_is_given_up_quickly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = _write(tmp_path, "p.pdf", docs.make_pdf(40))
-    with StreamingRenderer(2, LIMITS, chunk_pages=4, page_hook=faults.always_die) as pool:
+    faults.inject(monkeypatch, on_page=faults.always_die)
+    with StreamingRenderer(2, LIMITS, chunk_pages=4) as pool:
         results = list(pool.render_document(path, "pdf", 40, COLQWEN2))
         assert [r.page_number for r in results] == list(range(1, 41))
         assert all(isinstance(r, PageFailure) and r.error_type == "RendererCrashed" for r in results)

@@ -30,11 +30,14 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
     return path
 
 
-def test_a_file_that_hangs_on_open_costs_one_worker_and_an_open_timeout(tmp_path: Path) -> None:
+def test_a_file_that_hangs_on_open_costs_one_worker_and_an_open_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hangs = _write(tmp_path, "hangs.pdf", docs.make_pdf(2))
     fine = _write(tmp_path, "fine.pdf", docs.make_pdf(3))
     limits = LimitSettings(render_timeout_s=OPEN_TIMEOUT_S)
-    with StreamingRenderer(2, limits, open_hook=faults.hang_on_open_of_hangs_files) as pool:
+    faults.inject(monkeypatch, on_open=faults.hang_on_open_of_hangs_files)
+    with StreamingRenderer(2, limits) as pool:
         assert pool.inspect(fine, "pdf").page_count == 3
         pids_before = set(pool.worker_pids())
         started = time.monotonic()
@@ -51,10 +54,13 @@ def test_a_file_that_hangs_on_open_costs_one_worker_and_an_open_timeout(tmp_path
         assert [r.page_number for r in results if isinstance(r, RenderedPage)] == [1, 2, 3]
 
 
-def test_a_file_that_crashes_the_renderer_on_open_is_refused_and_the_pool_recovers(tmp_path: Path) -> None:
+def test_a_file_that_crashes_the_renderer_on_open_is_refused_and_the_pool_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     crash = _write(tmp_path, "crash.pdf", docs.make_pdf(2))
     fine = _write(tmp_path, "fine.pdf", docs.make_pdf(1))
-    with StreamingRenderer(1, LimitSettings(), open_hook=faults.segfault_on_open_of_crash_files) as pool:
+    faults.inject(monkeypatch, on_open=faults.segfault_on_open_of_crash_files)
+    with StreamingRenderer(1, LimitSettings()) as pool:
         with pytest.raises(DocumentError) as refused:
             pool.inspect(crash, "pdf")
         assert refused.value.error_type == "BrokenDocument"
@@ -63,10 +69,13 @@ def test_a_file_that_crashes_the_renderer_on_open_is_refused_and_the_pool_recove
         assert pool.inspect(fine, "pdf").page_count == 1
 
 
-def test_pages_of_a_file_that_hangs_on_open_time_out_instead_of_hanging_the_render(tmp_path: Path) -> None:
+def test_pages_of_a_file_that_hangs_on_open_time_out_instead_of_hanging_the_render(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hangs = _write(tmp_path, "hangs.pdf", docs.make_pdf(4))
     limits = LimitSettings(render_timeout_s=OPEN_TIMEOUT_S)
-    with StreamingRenderer(2, limits, chunk_pages=2, open_hook=faults.hang_on_open_of_hangs_files) as pool:
+    faults.inject(monkeypatch, on_open=faults.hang_on_open_of_hangs_files)
+    with StreamingRenderer(2, limits, chunk_pages=2) as pool:
         started = time.monotonic()
         results = list(pool.render_document(hangs, "pdf", 4, COLQWEN2))
         assert [r.page_number for r in results] == [1, 2, 3, 4]
@@ -79,14 +88,17 @@ def _record(key: str, value: dict[str, object], offset: int) -> RawRecord:
     return RawRecord(key=key, value=json.dumps(value).encode(), position=RecordPosition("uploads", 0, offset))
 
 
-def test_the_splitter_dead_letters_a_file_that_hangs_on_open_and_splits_the_next(tmp_path: Path) -> None:
+def test_the_splitter_dead_letters_a_file_that_hangs_on_open_and_splits_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = ColstreamSettings().updated(
         state_dir=tmp_path, blob={"local_root": tmp_path / "blobs"}, limits={"render_timeout_s": OPEN_TIMEOUT_S}
     )
     (tmp_path / "blobs").mkdir()
     hangs = _write(tmp_path / "blobs", "hangs.pdf", docs.make_pdf(2))
     fine = _write(tmp_path / "blobs", "fine.pdf", docs.make_pdf(2))
-    renderer = StreamingRenderer(1, settings.limits, open_hook=faults.hang_on_open_of_hangs_files)
+    faults.inject(monkeypatch, on_open=faults.hang_on_open_of_hangs_files)
+    renderer = StreamingRenderer(1, settings.limits)
     handler = SplitterHandler(settings, open_blob_store(settings), renderer, RenderTarget(max_pixels=200_000))
     emitted: list[OutRecord] = []
     try:
