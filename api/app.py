@@ -276,9 +276,18 @@ def create_app(
         model_loader=loader,
     )
 
+    # An API on a Qdrant server that runs no migration itself (a replica on a cluster)
+    # follows the alias that a cutover Job moves.
+    follow_alias = migrations is None and store is None and bool(settings.qdrant.url)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        from colstream.api.following import AliasFollower
+
+        follower = AliasFollower(ctx, settings).start() if follow_alias else None
         yield
+        if follower is not None:
+            follower.stop()
         for holder in (ctx.publisher, ctx.store, ctx.blob_store, ctx.model):
             try:
                 holder.close()

@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -97,6 +97,12 @@ def build_stage(name: StageName, settings: ColstreamSettings, store: VectorStore
     if name == "sink":
         from colstream.consumers.sink.stage import build_sink
 
+        if store is None:
+            # A sink of its own (a Deployment): while a migration is active it writes its own
+            # model's index by name, since the alias moves at cutover.
+            from colstream.migration.cluster import open_serving_store
+
+            store = open_serving_store(settings)
         return build_sink(settings, store)
     if name == "webhooks":
         from colstream.consumers.webhooks.stage import build_webhooks
@@ -349,6 +355,24 @@ def serve_and_run(runner: StageRunner, settings: ColstreamSettings, *, pages_pen
             probe.stop()
         server.stop()
     _exit_now(code, name)
+    return code
+
+
+def serve_backfill(settings: ColstreamSettings, stages: Sequence[str] | None = None) -> int:
+    """A cluster migration's backfill (:func:`colstream.migration.cluster.run_backfill`) until the
+    migration no longer needs it, with ``/metrics``, ``/livez`` and ``/readyz`` on ``metrics.port``."""
+    from colstream.infra.health import serve_health
+    from colstream.migration.cluster import run_backfill
+    from colstream.migration.core import BACKFILL_STAGES
+
+    server = serve_health(settings.metrics.host, settings.metrics.port)
+    stop = threading.Event()
+    _on_stop_signals(stop.set)
+    try:
+        code = run_backfill(settings, stop=stop, stages=stages or BACKFILL_STAGES)
+    finally:
+        server.stop()
+    _exit_now(code, "backfill")
     return code
 
 

@@ -353,3 +353,27 @@ def committed_offsets(
         return found
     finally:
         consumer.close()
+
+
+def wait_for_groups_idle(settings: ColstreamSettings, groups: list[str], timeout_s: float) -> bool:
+    """True once none of ``groups`` has a member (they are empty, dead or unknown)."""
+    from confluent_kafka import ConsumerGroupState
+
+    admin = admin_client(settings)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = False
+        for group, future in admin.describe_consumer_groups(groups, request_timeout=15).items():
+            try:
+                described = future.result(timeout=30)
+            except Exception:
+                continue  # not found: nobody is in it
+            if described.members or described.state not in (ConsumerGroupState.EMPTY, ConsumerGroupState.DEAD,
+                                                             ConsumerGroupState.UNKNOWN):
+                busy = True
+                log.debug("group %s still has members", group)
+        if not busy:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(2.0)

@@ -253,6 +253,12 @@ class QdrantSettings(Section):
     # both against exact MaxSim). The embedded store always scans exact vectors.
     quantization: Literal["none", "int8", "binary"] = "none"
     quantization_oversampling: float = Field(default=3.0, ge=1.0, le=32.0)
+    # On a server, a migration run as Kubernetes Jobs keeps its state in this collection
+    # (one point per alias), where every pod can read it (colstream.migration.cluster).
+    migrations_collection: str = Field(default="colstream_migrations", min_length=1, max_length=255)
+    # How often an API on a server looks where the alias points: a cutover run by a Job
+    # moves it, and each API replica follows within this many seconds.
+    alias_follow_s: float = Field(default=5.0, ge=0.1, le=3600.0)
 
     @model_validator(mode="after")
     def _consistency_within_replicas(self) -> QdrantSettings:

@@ -407,6 +407,10 @@ def point_alias(settings: QdrantSettings, index: str) -> None:
     _write_alias(Path(settings.path), settings.collection, index)
 
 
+def index_exists(settings: QdrantSettings, index: str) -> bool:
+    return _has_shard(Path(settings.path) / index)
+
+
 def drop_index(settings: QdrantSettings, index: str, records: str | None) -> None:
     """Remove an index directory and its records collection; the alias must point elsewhere."""
     import shutil

@@ -369,6 +369,20 @@ def pipeline_index(state: MigrationState | None) -> IndexRef | None:
     return state.source if state is not None and state.active else None
 
 
+def serving_index_for(state: MigrationState | None, model: IndexModel) -> IndexRef | None:
+    """The index a serving stage of ``model`` writes while a migration is active, pinned by
+    name: the source for the old model, the target for the new one (stages rolled to the new
+    model after a cutover, before ``finish``). None: follow the alias, where a stage of any
+    other model is refused before it writes."""
+    if state is None or not state.active:
+        return None
+    if model.same_model(state.source.model):
+        return state.source
+    if model.same_model(state.target.model):
+        return state.target
+    return None
+
+
 # -- the backfill pipeline's settings ---------------------------------------------------------
 def backfill_settings(settings: ColstreamSettings, state: MigrationState) -> ColstreamSettings:
     """The serving settings with the new model, consumer groups of the migration's own (so it

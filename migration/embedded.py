@@ -79,6 +79,8 @@ class IndexAdmin(Protocol):
     def drop(self, index: IndexRef) -> None:
         """Remove the index and its records; its store is closed."""
 
+    def exists(self, index: IndexRef) -> bool: ...
+
 
 class EdgeIndexAdmin:
     def __init__(self, qdrant: QdrantSettings) -> None:
@@ -98,6 +100,11 @@ class EdgeIndexAdmin:
         from colstream.infra.vectorstore_edge import drop_index
 
         drop_index(self.qdrant, index.name, index.records)
+
+    def exists(self, index: IndexRef) -> bool:
+        from colstream.infra.vectorstore_edge import index_exists
+
+        return index_exists(self.qdrant, index.name)
 
 
 class QdrantIndexAdmin:
@@ -136,6 +143,13 @@ class QdrantIndexAdmin:
         finally:
             client.close()
 
+    def exists(self, index: IndexRef) -> bool:
+        client = self._client_factory()
+        try:
+            return bool(client.collection_exists(index.name))
+        finally:
+            client.close()
+
 
 def index_admin(qdrant: QdrantSettings) -> IndexAdmin:
     return QdrantIndexAdmin(qdrant) if qdrant.url else EdgeIndexAdmin(qdrant)
@@ -145,6 +159,9 @@ class BackfillKafka(Protocol):
     def ensure_topics(self, settings: ColstreamSettings) -> None: ...
 
     def remove(self, settings: ColstreamSettings, topics: list[str], groups: list[str]) -> None: ...
+
+    def wait_idle(self, settings: ColstreamSettings, groups: list[str], timeout_s: float) -> bool:
+        """True once no consumer of ``groups`` is left (a backfill in another pod has stopped)."""
 
 
 class KafkaBackfillResources:
@@ -166,6 +183,11 @@ class KafkaBackfillResources:
                 future.result(timeout=60)
         except Exception as exc:  # leftovers cost disk, nothing else: say so and go on
             log.warning("removing the backfill's topics %s and groups %s: %s", topics, groups, exc)
+
+    def wait_idle(self, settings: ColstreamSettings, groups: list[str], timeout_s: float) -> bool:
+        from colstream.infra.kafka import wait_for_groups_idle
+
+        return wait_for_groups_idle(settings, groups, timeout_s)
 
 
 def _index_model_for(model: ModelSettings) -> IndexModel:
@@ -399,25 +421,35 @@ class EmbeddedMigrations:
         return measure_progress(source, target)
 
     def _status(self, state: MigrationState, document_id: str | None = None) -> dict[str, Any]:
-        body = state.as_dict()
-        body["serving"] = state.serving.name
-        if state.phase in ("backfilling", "cut_over") or (state.phase == "finished" and self._source_store):
-            body.update(self._progress(state).as_dict())
-        indexes: dict[str, Any] = {}
-        for role, ref, store in (("source", state.source, self._source_store),
-                                 ("target", state.target, self._target_store)):
-            if store is None:
-                indexes[role] = {"name": ref.name, "exists": False}
-                continue
-            entry: dict[str, Any] = {"name": ref.name, "exists": True, "model": ref.model.label,
-                                     "pages": store.count_pages()}
-            if document_id is not None:
-                entry["document_pages"] = store.count_pages(document_id)
-            indexes[role] = entry
-        body["indexes"] = indexes
+        measured = state.phase in ("backfilling", "cut_over") or (state.phase == "finished" and self._source_store)
+        body = status_body(state, self._progress(state) if measured else None,
+                           {"source": self._source_store, "target": self._target_store}, document_id)
         if self._backfill is not None:
             body["backfill"] = self._backfill.stats()
         return body
+
+
+def status_body(state: MigrationState, progress: Progress | None, stores: dict[str, VectorStore | None],
+                document_id: str | None = None) -> dict[str, Any]:
+    """What ``colstream migrate status`` prints (``--json``): the state, the progress and each
+    index's page counts; ``stores`` holds the open store of each role, None where it is gone."""
+    body = state.as_dict()
+    body["serving"] = state.serving.name
+    if progress is not None:
+        body.update(progress.as_dict())
+    indexes: dict[str, Any] = {}
+    for role, ref in (("source", state.source), ("target", state.target)):
+        store = stores.get(role)
+        if store is None:
+            indexes[role] = {"name": ref.name, "exists": False}
+            continue
+        entry: dict[str, Any] = {"name": ref.name, "exists": True, "model": ref.model.label,
+                                 "pages": store.count_pages()}
+        if document_id is not None:
+            entry["document_pages"] = store.count_pages(document_id)
+        indexes[role] = entry
+    body["indexes"] = indexes
+    return body
 
 
 def _keep_out_of_serving_health(runner: StageRunner, serving: StageThreads) -> None:

@@ -43,7 +43,7 @@ K8S_SCHEMAS="$TOOLS/kubernetes-schemas"
 "$PY" deploy/tools/kubeconform_schemas.py "$K8S_SCHEMAS" $KUBERNETES_VERSIONS
 
 echo "== kustomize build"
-kustomizations=(strimzi k8s/base k8s/overlays/int8 k8s/overlays/aks)
+kustomizations=(strimzi k8s/base k8s/overlays/int8 k8s/overlays/aks k8s/overlays/migration)
 for dir in "${kustomizations[@]}"; do
   "$BIN/kustomize" build "$dir" > "$OUT/${dir//\//_}.yaml"
   echo "ok  $dir"

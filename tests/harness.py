@@ -131,9 +131,13 @@ class StageProcess:
     """One stage as its own OS process (`colstream run <stage>`), killable at will."""
 
     def __init__(self, stage: str, settings: ColstreamSettings, log_dir: Path,
-                 instance_id: str | None = None) -> None:
+                 instance_id: str | None = None, extra_env: dict[str, str] | None = None,
+                 command: tuple[str, ...] | None = None) -> None:
+        """``command`` replaces ``run <stage>`` (another long-running colstream command)."""
         self.stage = stage
         self.instance_id = instance_id
+        self.extra_env = dict(extra_env or {})
+        self.command = command or ("run", stage)
         self.settings = settings
         self.log_path = log_dir / f"{stage}-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -141,10 +145,11 @@ class StageProcess:
     def start(self) -> StageProcess:
         log = open(self.log_path, "wb")  # noqa: SIM115
         # Several stages share this machine: each serves /metrics on a port of its own.
-        env = {**settings_env(self.settings), "COLSTREAM_LOG_LEVEL": "INFO", "COLSTREAM_METRICS__PORT": "0"}
+        env = {**settings_env(self.settings), "COLSTREAM_LOG_LEVEL": "INFO", "COLSTREAM_METRICS__PORT": "0",
+               **self.extra_env}
         if self.instance_id:
             env["COLSTREAM_KAFKA__GROUP_INSTANCE_ID"] = self.instance_id
-        self.proc = subprocess.Popen([sys.executable, "-m", "colstream", "run", self.stage],
+        self.proc = subprocess.Popen([sys.executable, "-m", "colstream", *self.command],
                                      env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         return self
 

@@ -75,6 +75,9 @@ class MemoryIndexAdmin:
     def point_alias(self, index: object) -> None:
         self.alias = index.name  # type: ignore[attr-defined]
 
+    def exists(self, index: object) -> bool:
+        return index.name in self.indexes  # type: ignore[attr-defined]
+
     def drop(self, index: object) -> None:
         name = index.name  # type: ignore[attr-defined]
         if self.alias == name:

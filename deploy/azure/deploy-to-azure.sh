@@ -58,6 +58,8 @@ GPU_MIN_NODES="${GPU_MIN_NODES:-1}"
 # Never above the partition count of documents.pages (6): more embedders idle.
 GPU_MAX_NODES="${GPU_MAX_NODES:-6}"
 EMBEDDER_VARIANT="${EMBEDDER_VARIANT:-bf16}"
+# 1: also apply the templates of the model-migration Jobs (k8s/components/migration).
+MIGRATION_JOBS="${MIGRATION_JOBS:-0}"
 IMAGE_TAG="${IMAGE_TAG:-$(git -C "$REPO_ROOT" rev-parse --short=12 HEAD 2> /dev/null || echo dev)}"
 NAMESPACE=colstream
 SERVICE_ACCOUNT=colstream
@@ -315,7 +317,10 @@ LAYER="$REPO_ROOT/k8s/overlays/.deploy-$$"
 mkdir -p "$LAYER"
 {
   printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../aks\n'
-  if [[ "$EMBEDDER_VARIANT" == "int8" ]]; then printf 'components:\n  - ../../components/int8\n'; fi
+  if [[ "$EMBEDDER_VARIANT" == "int8" || "$MIGRATION_JOBS" == "1" ]]; then printf 'components:\n'; fi
+  if [[ "$EMBEDDER_VARIANT" == "int8" ]]; then printf '  - ../../components/int8\n'; fi
+  # The migration Jobs' templates (docs/operations.md), with MIGRATION_JOBS=1.
+  if [[ "$MIGRATION_JOBS" == "1" ]]; then printf '  - ../../components/migration\n'; fi
   cat << YAML
 images:
   - {name: colstream, newName: ${ACR_LOGIN_SERVER}/colstream, newTag: "${IMAGE_TAG}", digest: "${CPU_DIGEST}"}

@@ -84,7 +84,8 @@ def test_a_digest_pins_an_image() -> None:
 
 @pytest.mark.skipif(not KUSTOMIZE.exists() and not shutil.which("kustomize"),
                     reason="kustomize not installed (scripts/check-deploy.sh installs it)")
-@pytest.mark.parametrize("kustomization", ["k8s/base", "k8s/overlays/int8", "k8s/overlays/aks", "strimzi"])
+@pytest.mark.parametrize("kustomization",
+                         ["k8s/base", "k8s/overlays/int8", "k8s/overlays/aks", "k8s/overlays/migration", "strimzi"])
 def test_every_shipped_kustomization_passes(kustomization: str) -> None:
     binary = str(KUSTOMIZE) if KUSTOMIZE.exists() else "kustomize"
     rendered = subprocess.run([binary, "build", str(REPO / kustomization)], check=True, capture_output=True,

@@ -31,3 +31,21 @@ def test_the_summary_shows_documents_and_pages_done_of_total() -> None:
     }
     text = summary(status)
     assert "3/5 documents, 9/14 pages" in text and "in progress" in text and "waiting for: b, c" in text
+
+
+def test_the_cluster_steps_and_the_backfill_need_a_qdrant_server(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from colstream.cli.main import app
+
+    monkeypatch.setenv("COLSTREAM_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("QDRANT_URL", raising=False)
+    monkeypatch.delenv("COLSTREAM_QDRANT__URL", raising=False)
+    runner = CliRunner()
+    step = runner.invoke(app, ["migrate", "status", "--cluster"])
+    assert step.exit_code != 0 and "--cluster needs a Qdrant server" in step.output
+    backfill = runner.invoke(app, ["migrate", "backfill"])
+    assert backfill.exit_code != 0 and "needs a Qdrant server" in backfill.output
+    unknown = runner.invoke(app, ["migrate", "backfill", "--stage", "webhooks"])
+    assert unknown.exit_code != 0 and "not webhooks" in unknown.output
