@@ -20,7 +20,7 @@ from colstream.consumers.webhooks.core import Target
 from colstream.consumers.webhooks.stage import WebhooksHandler, build_webhooks
 from colstream.infra.settings import ColstreamSettings
 from colstream.schemas import DocumentIndexed, encode
-from colstream.testing import InMemoryBroker, RunningStage
+from colstream.testing import InMemoryBroker, RunningStage, wait_until
 
 INDEXED, DLQ, GROUP = "indexed", "dlq", "t-webhooks"
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
@@ -100,13 +100,6 @@ def start(broker: InMemoryBroker, receivers: FakeReceivers) -> Iterator[Callable
         if stage.thread.is_alive():
             stage.stop()
     assert [stage.error for stage in stages if stage.error is not None] == []
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
 
 
 def publish(broker: InMemoryBroker, *events: DocumentIndexed) -> None:
