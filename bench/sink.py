@@ -78,8 +78,9 @@ def run_sink(settings: ColstreamSettings, records: list[RawRecord], path: Path) 
     shutil.rmtree(path, ignore_errors=True)
     settings = settings.updated(qdrant={"path": path})
     store = EdgeVectorStore(settings.qdrant)
-    store.ensure_collections()
-    pages_dir = path / settings.qdrant.collection
+    # The pages collection is created for an index of a DIM-wide model (as build_sink does).
+    store.ensure_collections(dim=DIM)
+    pages_dir = path / store.index_name
     empty = {part: _common.dir_bytes(pages_dir / part) for part in ("segments", "wal")}
     handler = SinkHandler(settings, store)
     try:

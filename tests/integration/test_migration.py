@@ -58,6 +58,16 @@ class Searcher(threading.Thread):
                 self.answers.append((response.status_code, body.get("model"), models, len(body.get("results", []))))
                 time.sleep(0.05)
 
+    def assert_one_model_at_a_time(self, old_model: str, new_model: str) -> None:
+        """Every search answered 200 from exactly one model: the old until the cutover, then the new."""
+        answers = self.answers
+        assert len(answers) >= 10
+        assert all(code == 200 for code, _, _, _ in answers), [a for a in answers if a[0] != 200][:3]
+        assert all(models <= {model} and count > 0 for _, model, models, count in answers)
+        sequence = [model for _, model, _, _ in answers]
+        switch = sequence.index(new_model)
+        assert set(sequence[:switch]) == {old_model} and set(sequence[switch:]) == {new_model}
+
 
 def put_pdf(settings: ColstreamSettings, name: str, pages: int) -> str:
     path = settings.blob.local_root / f"{name}.pdf"
@@ -149,11 +159,4 @@ def test_migration_to_another_model_while_searches_uploads_and_deletes_go_on(
         assert {r["model"] for r in found["results"]} == {new_model}
         assert len(found["results"]) == sum(expected.values())
 
-    # every search answered 200 from exactly one model: old until the cutover, then new
-    answers = searcher.answers
-    assert len(answers) >= 10
-    assert all(code == 200 for code, _, _, _ in answers), [a for a in answers if a[0] != 200][:3]
-    assert all(models <= {model} and count > 0 for _, model, models, count in answers)
-    sequence = [model for _, model, _, _ in answers]
-    switch = sequence.index(new_model)
-    assert set(sequence[:switch]) == {old_model} and set(sequence[switch:]) == {new_model}
+    searcher.assert_one_model_at_a_time(old_model, new_model)

@@ -176,13 +176,7 @@ def test_a_migration_run_as_jobs_while_the_deployments_serve(cluster: Cluster, t
     assert {r["model"] for r in found["results"]} == {new_model}
     assert len(found["results"]) == sum(expected.values())
 
-    answers = searcher.answers
-    assert len(answers) >= 10
-    assert all(code == 200 for code, _, _, _ in answers), [a for a in answers if a[0] != 200][:3]
-    assert all(models <= {model} and count > 0 for _, model, models, count in answers)
-    sequence = [model for _, model, _, _ in answers]
-    switch = sequence.index(new_model)
-    assert set(sequence[:switch]) == {old_model} and set(sequence[switch:]) == {new_model}
+    searcher.assert_one_model_at_a_time(old_model, new_model)
 
 
 def _healthy(url: str) -> bool:
