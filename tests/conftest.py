@@ -38,6 +38,18 @@ def session_broker(state: Path) -> LocalKafka:
     return LocalKafka(state_dir=state, port=port, controller_port=port + 1)
 
 
+# Fixtures that start a server process for the session: a test that asks for one by name is
+# marked `slow`, so the quick tier stays in-process and the full suite still runs it. (A test
+# that reaches the server through request.getfixturevalue carries the mark itself.)
+SERVER_FIXTURES = frozenset({"qdrant_url"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def qdrant_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Qdrant server for the session: ``QDRANT_URL``, or the binary next to the checkout."""

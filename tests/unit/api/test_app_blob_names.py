@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,6 +52,7 @@ def test_versions_of_one_document_share_a_directory_and_ids_never_do() -> None:
     assert first != second and first.rsplit("/", 2)[0] == second.rsplit("/", 2)[0] == document_blob_dir("doc")
 
 
+@pytest.mark.slow  # 150 generated ids, each stored and deleted on disk
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.from_regex(DOCUMENT_ID_PATTERN, fullmatch=True).filter(is_valid_document_id), st.text(max_size=300))
 def test_the_store_holds_every_id_the_contract_accepts(document_id: str, file_name: str) -> None:

@@ -119,6 +119,7 @@ def test_a_small_raster_image_is_never_enlarged(tmp_path: Path) -> None:
     assert (image.width, image.height) == (120, 90)
 
 
+@pytest.mark.slow  # two render child processes
 def test_a_child_render_reports_the_render_cores_refusal(tmp_path: Path) -> None:
     from colstream.api.page_render import PageImageError
 
@@ -171,6 +172,7 @@ def images_of(app: Any) -> Any:
     return route.endpoint
 
 
+@pytest.mark.slow  # the route renders each page in a child process
 def test_the_route_renders_once_then_serves_from_the_cache(served: Any) -> None:
     client, store, _app, settings = served
     store_document(store, settings, "reports/q3", 7, make_pdf(2))
@@ -187,6 +189,7 @@ def test_the_route_renders_once_then_serves_from_the_cache(served: Any) -> None:
     assert client.get(url, headers={"X-API-Key": READER, "If-None-Match": first.headers["etag"]}).status_code == 304
 
 
+@pytest.mark.slow  # the route renders each page in a child process
 def test_a_reupload_never_serves_the_old_pages_and_a_delete_serves_none(served: Any) -> None:
     client, store, _app, settings = served
     auth = {"X-API-Key": READER}
@@ -206,6 +209,7 @@ def test_a_reupload_never_serves_the_old_pages_and_a_delete_serves_none(served: 
     assert not list(settings.page_images.cache_dir.rglob("*.webp"))
 
 
+@pytest.mark.slow  # the route renders each page in a child process
 def test_keys_scopes_and_tenants(served: Any) -> None:
     client, store, _app, settings = served
     store_document(store, settings, "theirs", 1, make_pdf(1), tenant="globex")
@@ -222,6 +226,7 @@ def test_keys_scopes_and_tenants(served: Any) -> None:
     assert client.get(url.format("theirs"), headers={"X-API-Key": ADMIN}).status_code == 200
 
 
+@pytest.mark.slow  # the route renders each page in a child process
 def test_bad_requests_are_refused_with_a_reason(served: Any) -> None:
     client, store, _app, settings = served
     store_document(store, settings, "doc", 1, make_pdf(2))
@@ -262,6 +267,7 @@ def test_the_console_bundle_stays_under_200_kb() -> None:
 NO_SOFFICE = "LibreOffice is not installed (scripts/bootstrap.sh installs it)"
 
 
+@pytest.mark.slow  # a LibreOffice conversion
 @pytest.mark.skipif(shutil.which("soffice") is None, reason=NO_SOFFICE)
 def test_an_office_document_is_converted_once_and_its_pages_are_served(served: Any) -> None:
     from tests.fixtures.office import make_docx

@@ -94,6 +94,7 @@ def test_kafka_tool_help_and_arguments_pass_through(monkeypatch: pytest.MonkeyPa
     assert cmd[-8].endswith("ConsumerGroupCommand")
 
 
+@pytest.mark.slow  # a colstream child process
 def test_kafka_start_help_leaves_no_broker_running(tmp_path: Path) -> None:
     env = {**os.environ, "COLSTREAM_STATE_DIR": str(tmp_path)}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
@@ -125,6 +126,7 @@ def test_folder_ids_follow_the_id_rule(tmp_path: Path) -> None:
     assert [p.name for p in folder_files(tmp_path, "*.pdf")] == ["a.pdf", "b report.pdf"]
 
 
+@pytest.mark.slow  # two colstream child processes
 def test_documents_prints_no_library_chatter(tmp_path: Path) -> None:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -3,9 +3,11 @@ credentials or protocol (the one-line errors of colstream.infra.kafka_check)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import tenacity
 import typer
 
 from colstream.cli import common
@@ -33,8 +35,12 @@ def _scripted(monkeypatch: pytest.MonkeyPatch, outcomes: list[BaseException | No
 def test_a_stage_waits_for_a_broker_that_comes_up(monkeypatch: pytest.MonkeyPatch) -> None:
     down = kafka_check.BrokerUnreachable("no Kafka broker answers on localhost:1 (connection refused)")
     calls = _scripted(monkeypatch, [down, down, None])
+    # The waits between tries are recorded, not slept: their lengths are what is checked.
+    naps: list[float] = []
+    monkeypatch.setattr(tenacity.nap, "time", SimpleNamespace(sleep=naps.append))
     assert common.connect(SETTINGS, wait_for_broker=True) is SETTINGS
     assert len(calls) == 3
+    assert naps == [1, 2]  # exponential backoff between the tries
 
 
 def test_a_wrong_password_fails_at_once_even_when_waiting(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -33,6 +33,9 @@ from colstream.infra.settings import ModelSettings
 
 REPO = Path(__file__).resolve().parents[3]
 MODEL_CACHE = REPO / ".colstream" / "models"
+# Loading a model imports transformers and colpali-engine, several seconds by itself: tests
+# that load one (or pool tokens with colpali-engine) run in the full suite, not in the quick tier.
+loads_a_model = pytest.mark.slow
 
 EXPECTED_DEFAULTS = {
     "colqwen2": "vidore/colqwen2-v1.0",
@@ -49,6 +52,7 @@ EXPECTED_DEFAULTS = {
 # -- registry ---------------------------------------------------------------------------
 
 
+@loads_a_model
 def test_every_colpali_engine_family_is_registered_with_real_classes() -> None:
     import colpali_engine.models as engine_models
 
@@ -145,7 +149,7 @@ def _page(seed: int) -> Image.Image:
     return image
 
 
-@pytest.fixture(scope="module", params=FAMILY_NAMES)
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=loads_a_model) for f in FAMILY_NAMES])
 def family_model(request: pytest.FixtureRequest) -> tuple[str, Path, EmbeddingModel]:
     family = request.param
     path = ensure_tiny_checkpoint(family, MODEL_CACHE)

@@ -34,9 +34,12 @@ REPO = Path(__file__).resolve().parents[3]
 MODEL_CACHE = REPO / ".colstream" / "models"
 FIDELITY_TOLERANCE = 1e-3
 FLOAT16_TOLERANCE = 4e-3
+# Loading a model imports transformers and colpali-engine, several seconds by itself: tests
+# that load one (or pool tokens with colpali-engine) run in the full suite, not in the quick tier.
+loads_a_model = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", params=["colqwen2", "colpali"])
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=loads_a_model) for f in ("colqwen2", "colpali")])
 def tiny_model(request: pytest.FixtureRequest) -> EmbeddingModel:
     family = request.param
     path = ensure_tiny_checkpoint(family, MODEL_CACHE)
@@ -87,6 +90,7 @@ def test_tiny_checkpoints_load_through_from_pretrained_and_are_labelled(tiny_mod
     assert tiny_model.device.type == "cpu"
 
 
+@loads_a_model
 def test_tiny_build_is_deterministic_and_cached(tmp_path: Path) -> None:
     first = build_tiny_checkpoint("colpali", tmp_path / "a")
     second = build_tiny_checkpoint("colpali", tmp_path / "b")
@@ -99,6 +103,7 @@ def test_tiny_build_is_deterministic_and_cached(tmp_path: Path) -> None:
     assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+@loads_a_model
 def test_real_checkpoint_is_not_labelled_random(tmp_path: Path) -> None:
     # A folder without the marker is a "real" checkpoint as far as labelling goes.
     folder = build_tiny_checkpoint("colqwen2", tmp_path / "real")
@@ -117,6 +122,7 @@ def test_int8_without_cuda_is_a_clear_error() -> None:
 # -- render profile --------------------------------------------------------------
 
 
+@pytest.mark.slow  # a child Python process
 def test_profile_imports_without_torch() -> None:
     code = "import sys, colstream.embedding.profile; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -190,6 +196,7 @@ def test_score_is_maxsim_as_colpali_engine_computes_it(tiny_model: EmbeddingMode
     np.testing.assert_allclose(ours, reference.numpy(), rtol=1e-5)
 
 
+@loads_a_model
 def test_colpali_drops_labels_and_keeps_one_logit_with_identical_vectors() -> None:
     path = ensure_tiny_checkpoint("colpali", MODEL_CACHE)
     model = load_model(ModelSettings(family="colpali", name_or_path=str(path), device="cpu"))
@@ -234,6 +241,7 @@ def test_engine_matches_direct_model_call_and_isolates_a_corrupt_image(tiny_mode
         assert float(np.abs(got.astype(np.float32) - expected).max()) <= FLOAT16_TOLERANCE
 
 
+@loads_a_model
 def test_engine_handles_empty_groups_and_many_concurrent_groups(tiny_colqwen2: EmbeddingModel) -> None:
     page_bytes = [encode(text_page(200 + 60 * i, 300, i)) for i in range(6)]
     with PipelinedEmbedder(tiny_colqwen2, max_batch_size=3, queue_depth=1) as engine:
@@ -250,6 +258,7 @@ def test_engine_handles_empty_groups_and_many_concurrent_groups(tiny_colqwen2: E
         engine.submit([EmbedItem("late", page_bytes[0])])
 
 
+@loads_a_model
 def test_engine_splits_a_batch_on_out_of_memory(tiny_colqwen2: EmbeddingModel, monkeypatch: pytest.MonkeyPatch) -> None:
     real_forward = tiny_colqwen2.forward
     seen_sizes: list[int] = []
@@ -278,6 +287,7 @@ def test_engine_splits_a_batch_on_out_of_memory(tiny_colqwen2: EmbeddingModel, m
         assert float(np.abs(a.vectors.astype(np.float32) - b.vectors.astype(np.float32)).max()) <= FLOAT16_TOLERANCE
 
 
+@loads_a_model
 def test_engine_fails_the_group_when_the_model_itself_fails(
     tiny_colqwen2: EmbeddingModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -291,6 +301,7 @@ def test_engine_fails_the_group_when_the_model_itself_fails(
             future.result(timeout=30)
 
 
+@loads_a_model
 def test_engine_refuses_oversized_images_before_decoding(tiny_colqwen2: EmbeddingModel) -> None:
     with PipelinedEmbedder(tiny_colqwen2, max_batch_size=2, max_image_pixels=100 * 100) as engine:
         results: list[EmbedResult] = engine.embed_sync(

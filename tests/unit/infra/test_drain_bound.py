@@ -25,7 +25,7 @@ from colstream.infra.health import HealthRegistry, serve_health
 from colstream.infra.kafka import OutRecord
 from colstream.infra.settings import ColstreamSettings
 from colstream.infra.stage_runner import Emit, RawRecord, StageRunner
-from colstream.testing import InMemoryBroker
+from colstream.testing import InMemoryBroker, wait_until
 
 REPO = Path(__file__).resolve().parents[3]
 GRACE_S = 3.0
@@ -74,6 +74,7 @@ STAGE_SCRIPT = textwrap.dedent('''
 ''') % {"grace": GRACE_S}
 
 
+@pytest.mark.slow  # a real stage process that drains for the whole grace
 @pytest.mark.parametrize("target", ["process", "group"])
 def test_sigterm_exits_within_the_grace_with_60s_batches_in_flight(tmp_path: Path, target: str) -> None:
     script = tmp_path / "stage.py"
@@ -164,8 +165,15 @@ def test_livez_fails_on_a_stuck_handler_although_the_loop_keeps_polling() -> Non
             time.sleep(0.05)
         status, body = _get(f"{base}/livez")
         assert status == 200, body  # the batch has just started
-        time.sleep(1.5)
-        status, body = _get(f"{base}/livez")
+        # Liveness fails once the batch has run past max_batch_s (1 s); poll rather than sleep past it.
+        answers: list[tuple[int, dict]] = []
+
+        def livez_fails() -> bool:
+            answers.append(_get(f"{base}/livez"))
+            return answers[-1][0] == 503
+
+        wait_until(livez_fails, timeout=10, what="/livez failing on the stuck batch")
+        status, body = answers[-1]
         report = body["stages"]["stuck"]
         assert status == 503
         assert "a batch has run for" in report["live_reason"]

@@ -67,6 +67,7 @@ def test_every_client_config_carries_the_limiter() -> None:
     assert own["error_cb"] is print
 
 
+@pytest.mark.slow  # real clients reconnecting for 3 s
 def test_real_clients_against_closed_ports_log_a_handful_of_lines(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="test.kafka")
     limiter = RateLimitedKafkaLog(logging.getLogger("test.kafka"), interval_s=60.0)

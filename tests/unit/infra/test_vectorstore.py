@@ -202,9 +202,11 @@ def test_ensure_collections_is_idempotent_and_refuses_another_shape(store: Vecto
 @pytest.mark.parametrize(
     "options",
     [
-        {"token_pooling_factor": 4},
+        # Token pooling goes through colpali-engine, whose import alone loads transformers
+        # (several seconds): the full suite runs those, the quick tier does not.
+        pytest.param({"token_pooling_factor": 4}, marks=pytest.mark.slow),
         {"mean_pooled_prefetch": True},
-        {"mean_pooled_prefetch": True, "token_pooling_factor": 3},
+        pytest.param({"mean_pooled_prefetch": True, "token_pooling_factor": 3}, marks=pytest.mark.slow),
     ],
 )
 def test_storage_options_still_find_the_right_page(store_factory: StoreFactory, options: dict) -> None:

@@ -27,7 +27,8 @@ def page(document_id: str, metadata: dict[str, Any], seed: int) -> PagePoint:
                      blob_uri=None, model="m", vectors=vectors, metadata=metadata)
 
 
-@pytest.fixture(params=["edge", "client-local", "server"])
+# The "server" store is the session's Qdrant server: the full suite runs it, the quick tier does not.
+@pytest.fixture(params=["edge", "client-local", pytest.param("server", marks=pytest.mark.slow)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorStore]:
     settings = QdrantSettings(path=tmp_path / "q", indexed_metadata=["tenant", "tags"])
     opened: VectorStore
@@ -91,6 +92,7 @@ def test_reupload_replaces_the_metadata_on_every_page(store: VectorStore) -> Non
     assert payload["metadata"] == {"tenant": "globex"}
 
 
+@pytest.mark.slow  # the session's Qdrant server
 def test_a_server_indexes_the_tenant_as_the_tenant_key(request: pytest.FixtureRequest) -> None:
     url = request.getfixturevalue("qdrant_url")
     collection = f"tenant_{uuid.uuid4().hex[:12]}"

@@ -36,7 +36,8 @@ def _open(backend: str, tmp_path: Path, request: pytest.FixtureRequest, alias: s
     return QdrantServerVectorStore(QdrantSettings(url=url, collection=alias))
 
 
-@pytest.mark.parametrize("backend", ["edge", "server"])
+# "server" is the session's Qdrant server: the full suite runs it, the quick tier does not.
+@pytest.mark.parametrize("backend", ["edge", pytest.param("server", marks=pytest.mark.slow)])
 def test_index_records_its_model_and_refuses_another_model_without_writing(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:

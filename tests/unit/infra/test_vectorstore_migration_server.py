@@ -45,7 +45,8 @@ def page(model: IndexModel, doc: str) -> PagePoint:
                      model=model.label, vectors=vectors)
 
 
-@pytest.fixture(params=["local", "server"])
+# "server" is the session's Qdrant server: the full suite runs it, the quick tier does not.
+@pytest.fixture(params=["local", pytest.param("server", marks=pytest.mark.slow)])
 def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[QdrantClient]:
     if request.param == "local":
         opened = QdrantClient(path=str(tmp_path / "local"))

@@ -39,7 +39,9 @@ MODEL_CACHE = Path(__file__).resolve().parents[3] / ".colstream" / "models"
 # -- the grid the models report ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["colqwen2", "colpali"])
+# Loading a model imports transformers and colpali-engine, several seconds by itself: the full
+# suite runs the tests that load one, the quick tier does not.
+@pytest.fixture(scope="module", params=[pytest.param(f, marks=pytest.mark.slow) for f in ("colqwen2", "colpali")])
 def tiny_model(request: pytest.FixtureRequest) -> EmbeddingModel:
     path = ensure_tiny_checkpoint(request.param, MODEL_CACHE)
     return load_model(ModelSettings(family=request.param, name_or_path=str(path), device="cpu", dtype="float32"))
@@ -269,6 +271,7 @@ def test_pages_without_a_grid_are_still_found_through_the_prefetch(open_store: A
 # -- hierarchical token pooling ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # pools tokens with colpali-engine, whose import alone loads transformers
 def test_hierarchical_pooling_merges_similar_tokens_by_the_factor() -> None:
     rng = np.random.default_rng(4)
     centers = rng.standard_normal((40, 32)).astype(np.float32)
@@ -286,6 +289,7 @@ def test_hierarchical_pooling_merges_similar_tokens_by_the_factor() -> None:
     assert hierarchical_pool(tokens, 1) is tokens
 
 
+@pytest.mark.slow  # pools tokens with colpali-engine, whose import alone loads transformers
 def test_token_pooling_setting_stores_a_third_of_the_tokens(tmp_path: Path) -> None:
     dim = 16
     rng = np.random.default_rng(5)
@@ -309,6 +313,7 @@ def test_token_pooling_setting_stores_a_third_of_the_tokens(tmp_path: Path) -> N
             store.close()
 
 
+@pytest.mark.slow  # pools tokens with colpali-engine, whose import alone loads transformers
 def test_hierarchical_pool_matches_colpali_engine() -> None:
     from colpali_engine.compression.token_pooling import HierarchicalTokenPooler
 

@@ -58,6 +58,7 @@ def test_the_five_topics_their_keys_tombstones_and_examples() -> None:
     assert "image_ref" in json.dumps(messages["PageMessage"]["examples"])  # the claim check is shown
 
 
+@pytest.mark.slow  # installs the parser from npm once, then parses the document in Node.js
 def test_the_asyncapi_parser_accepts_it() -> None:
     node = shutil.which("node")
     if node is None:

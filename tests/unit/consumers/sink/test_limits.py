@@ -116,6 +116,7 @@ def test_an_over_limit_page_is_pooled_down_just_enough() -> None:
     assert fitted.grid is None  # pooled tokens are no longer the patch grid
 
 
+@pytest.mark.slow  # pools tokens with colpali-engine, whose import alone loads transformers
 def test_the_default_pooler_is_colpali_engines_hierarchical_pooler() -> None:
     page = vectors(450, 2560)
     fitted = fit_page(page, None, WriteLimits(max_request_bytes=None))
@@ -192,6 +193,7 @@ def sink_settings(tmp_path: Path) -> ColstreamSettings:
                                        blob={"local_root": tmp_path / "blobs"})
 
 
+@pytest.mark.slow  # pools tokens with colpali-engine, whose import alone loads transformers
 def test_sink_pools_an_over_limit_page_and_writes_the_rest_untouched(sink_settings: ColstreamSettings) -> None:
     store = MemoryVectorStore(dim=2560)
     handler = SinkHandler(sink_settings, store)
@@ -257,6 +259,7 @@ def _server_store(settings: ColstreamSettings, dim: int) -> Any:
     return store
 
 
+@pytest.mark.slow  # starts its own Qdrant server
 def test_real_server_refuses_the_whole_batch_and_the_sink_splits_it(
     small_request_qdrant: str, sink_settings: ColstreamSettings
 ) -> None:

@@ -127,6 +127,7 @@ def test_non_documents_are_not_claimed(tmp_path: Path, data: bytes) -> None:
     assert sniff_office_format(_write(tmp_path, "x", data), SETTINGS) is None
 
 
+@pytest.mark.slow  # deflates 600 MB of zeros to build the bomb
 def test_a_zip_bomb_is_refused_from_its_central_directory(tmp_path: Path) -> None:
     with pytest.raises(DocumentError) as refused:
         sniff_office_format(_write(tmp_path, "bomb.docx", _zip_bomb()), SETTINGS)
@@ -343,7 +344,12 @@ def _convert_and_open(converter: OfficeConverter, source: Path) -> int:
 
 @pytest.mark.parametrize(
     ("content", "error_type"),
-    [(b"hang please", "ConversionTimeout"), (b"crash", "ConversionFailed"), (b"zero pages", "ZeroPages")],
+    [
+        # Waits out the conversion timeout.
+        pytest.param(b"hang please", "ConversionTimeout", marks=pytest.mark.slow),
+        (b"crash", "ConversionFailed"),
+        (b"zero pages", "ZeroPages"),
+    ],
 )
 def test_a_failed_conversion_is_refused_with_its_reason_and_the_next_document_converts(
     tmp_path: Path, fake_soffice: ConverterSettings, content: bytes, error_type: str
@@ -362,6 +368,7 @@ def test_a_failed_conversion_is_refused_with_its_reason_and_the_next_document_co
         assert _convert_and_open(converter, good) == 2
 
 
+@pytest.mark.slow  # waits out the conversion timeout
 def test_a_timed_out_conversion_leaves_no_process_behind(tmp_path: Path, fake_soffice: ConverterSettings) -> None:
     with OfficeConverter(fake_soffice, work_dir=tmp_path) as converter, pytest.raises(DocumentError):
         _convert_and_open(converter, _write(tmp_path, "bad.txt", b"hang"))
@@ -386,11 +393,16 @@ def test_slots_are_recycled_after_n_conversions_and_each_has_its_own_profile(
     with OfficeConverter(settings, work_dir=tmp_path) as converter:
         profiles = {p.name for p in converter._root.glob("profile-*")}
         assert len(profiles) == 2
-        threads = [threading.Thread(target=_convert_and_open, args=(converter, good)) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        # Three rounds of two conversions at once: the free slots are a FIFO, so a round's two
+        # conversions take the two different slots and each slot serves exactly three. (Six
+        # threads at once let a quick slot come back and serve a fourth while the other is
+        # still busy; then only one slot reaches three.)
+        for _ in range(3):
+            threads = [threading.Thread(target=_convert_and_open, args=(converter, good)) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
         assert converter.conversions == 6
         # 6 conversions over 2 slots, each recycled after 3: both profiles were replaced.
         assert converter.recycled == 2

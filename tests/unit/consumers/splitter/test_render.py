@@ -357,6 +357,7 @@ def test_owner_locked_pdf_renders_its_text(tmp_path: Path) -> None:
 # --- worker processes -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a worker pool and renders 120 pages
 def test_streaming_yields_in_order_with_bounded_outstanding_work(tmp_path: Path) -> None:
     path = _write(tmp_path, "long.pdf", docs.make_pdf(120))
     with StreamingRenderer(2, LIMITS, chunk_pages=4, max_outstanding_pages=16) as pool:
@@ -425,6 +426,7 @@ def test_a_document_that_always_kills_its_worker_is_given_up_quickly(
         assert pool.workers_replaced < 10
 
 
+@pytest.mark.slow  # starts the module's worker pool
 def test_inspect_reports_document_errors_from_the_worker(tmp_path: Path, renderer: StreamingRenderer) -> None:
     path = _write(tmp_path, "secret.pdf", docs.make_encrypted_pdf(1, user_password="pw"))
     with pytest.raises(DocumentError) as refused:

@@ -19,6 +19,10 @@ from colstream.infra.settings import ColstreamSettings, LimitSettings
 from colstream.infra.stage_runner import RawRecord
 from tests.fixtures import docs, faults
 
+# Every test here starts render worker processes and most wait out an open timeout: the
+# full suite runs them, the quick tier does not.
+pytestmark = pytest.mark.slow
+
 COLQWEN2 = PlainTarget(max_pixels=768 * 28 * 28)
 # Long enough that rendering a tiny page never hits it on a loaded CI machine.
 OPEN_TIMEOUT_S = 5.0
