@@ -52,11 +52,9 @@ class AliasFollower:
         self.switches = 0
 
     def _client(self) -> Any:
-        from qdrant_client import QdrantClient
+        from colstream.infra.vectorstore_qdrant import server_client
 
-        qdrant = self.settings.qdrant
-        api_key = qdrant.api_key.get_secret_value() if qdrant.api_key is not None else None
-        return QdrantClient(url=qdrant.url, api_key=api_key, timeout=30)
+        return server_client(self.settings.qdrant, timeout_s=30)
 
     def _open(self, index: str) -> Any:
         from colstream.infra.vectorstore_qdrant import QdrantServerVectorStore

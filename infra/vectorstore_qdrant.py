@@ -78,8 +78,7 @@ class QdrantServerVectorStore:
         if client is None:
             if not settings.url:
                 raise ValueError("QdrantServerVectorStore needs settings.url or a ready QdrantClient")
-            api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
-            client = QdrantClient(url=settings.url, api_key=api_key, timeout=_TIMEOUT_S)
+            client = server_client(settings, timeout_s=_TIMEOUT_S)
         self._client = client
         self._alias = settings.collection
         # The concrete collection behind the alias, once known (until then the alias).
@@ -547,6 +546,12 @@ def _terms_filter(terms: list[tuple[str, list[FilterScalar]]]) -> qm.Filter | No
         else:
             must.append(qm.Filter(should=[_value_condition(path, v) for v in values]))
     return qm.Filter(must=must)
+
+
+def server_client(settings: QdrantSettings, *, timeout_s: int) -> QdrantClient:
+    """A client of the configured server, with its key when one is set."""
+    api_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    return QdrantClient(url=settings.url, api_key=api_key, timeout=timeout_s)
 
 
 # -- index administration (migrations) ------------------------------------------------------

@@ -27,17 +27,17 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from colstream.infra.settings import ColstreamSettings, QdrantSettings
-from colstream.infra.vectorstore import IndexModel, VectorStore, index_collection_name, open_vector_store
+from colstream.infra.vectorstore import IndexModel, VectorStore, open_vector_store
 from colstream.migration.core import (
     BACKFILL_STAGES,
     Action,
     CreateIndex,
     DropIndex,
     FileStateStore,
-    IndexRef,
     MigrationState,
     Progress,
     RemoveBackfillResources,
@@ -53,11 +53,9 @@ from colstream.migration.core import (
     plan_abort,
     plan_cutover,
     plan_finish,
-    plan_start,
     require,
     serving_index_for,
     state_file,
-    target_records_name,
 )
 from colstream.migration.embedded import (
     BackfillKafka,
@@ -65,7 +63,7 @@ from colstream.migration.embedded import (
     KafkaBackfillResources,
     _index_model_for,
     index_admin,
-    index_ref,
+    plan_new_migration,
     status_body,
     target_model_settings,
 )
@@ -95,10 +93,9 @@ class QdrantStateStore:
     @property
     def client(self) -> QdrantClient:
         if self._client is None:
-            from qdrant_client import QdrantClient
+            from colstream.infra.vectorstore_qdrant import server_client
 
-            api_key = self.qdrant.api_key.get_secret_value() if self.qdrant.api_key is not None else None
-            self._client = QdrantClient(url=self.qdrant.url, api_key=api_key, timeout=60)
+            self._client = server_client(self.qdrant, timeout_s=60)
         return self._client
 
     def load(self) -> MigrationState | None:
@@ -184,26 +181,13 @@ class ClusterMigrations:
         self.backfill_exit_wait_s = backfill_exit_wait_s
 
     def start(self, family: str, name_or_path: str | None, revision: str | None, tiny_model: bool) -> dict[str, Any]:
-        current = self.state_store.load()
-        model_settings = target_model_settings(self.settings, family, name_or_path or None, revision or None,
-                                               tiny_model)
-        target_model = self._identity(model_settings)
+        model_settings = target_model_settings(self.settings, family, name_or_path, revision, tiny_model)
         serving = self._open_serving()
         try:
-            source = index_ref(serving, self.settings.qdrant.records_collection)
+            state, actions = plan_new_migration(self.settings, self.state_store.load(), serving, model_settings,
+                                                self._identity(model_settings))
         finally:
             serving.close()
-        name = index_collection_name(self.settings.qdrant.collection, target_model)
-        target = IndexRef(name=name, records=target_records_name(self.settings.qdrant.records_collection, name),
-                          model=target_model)
-        state, actions = plan_start(
-            current,
-            migration_id=uuid.uuid4().hex[:8],
-            source=source,
-            target=target,
-            target_model={"family": model_settings.family, "name_or_path": model_settings.name_or_path,
-                          "revision": model_settings.revision},
-        )
         self._carry_out(state, actions)  # the index and topics exist before the backfill Job reads the state
         self.state_store.save(state)
         return self.status()
@@ -239,7 +223,7 @@ class ClusterMigrations:
         the state saved here, and its topics and groups go."""
         done, actions = plan_finish(self.state_store.load())
         if actions:
-            done = _cleaned(done)
+            done = replace(done, cleaned_up=True)
             self.state_store.save(done)
             self._carry_out(done, [*actions, RemoveBackfillResources()])
         return self.status()
@@ -294,12 +278,6 @@ class ClusterMigrations:
     def _progress(stores: dict[str, VectorStore | None]) -> Progress:
         source, target = stores["source"], stores["target"]
         return measure_progress(source.list_records() if source else [], target.list_records() if target else [])
-
-
-def _cleaned(state: MigrationState) -> MigrationState:
-    from dataclasses import replace
-
-    return replace(state, cleaned_up=True)
 
 
 def _close_all(stores: dict[str, VectorStore | None]) -> None:

@@ -115,10 +115,9 @@ class QdrantIndexAdmin:
         self._client_factory = client_factory or self._client
 
     def _client(self) -> Any:
-        from qdrant_client import QdrantClient
+        from colstream.infra.vectorstore_qdrant import server_client
 
-        api_key = self.qdrant.api_key.get_secret_value() if self.qdrant.api_key is not None else None
-        return QdrantClient(url=self.qdrant.url, api_key=api_key, timeout=120)
+        return server_client(self.qdrant, timeout_s=120)
 
     def open(self, index: IndexRef) -> VectorStore:
         from colstream.infra.vectorstore_qdrant import QdrantServerVectorStore
@@ -219,6 +218,29 @@ def target_model_settings(
     return model
 
 
+def plan_new_migration(
+    settings: ColstreamSettings,
+    current: MigrationState | None,
+    serving: VectorStore,
+    model_settings: ModelSettings,
+    target_model: IndexModel,
+) -> tuple[MigrationState, list[Action]]:
+    """The core's ``start`` from what an adapter has: the index ``serving`` (the source) and the
+    new model, whose index is named by the model beside the alias, with records of its own."""
+    source = index_ref(serving, settings.qdrant.records_collection)
+    name = index_collection_name(settings.qdrant.collection, target_model)
+    target = IndexRef(name=name, records=target_records_name(settings.qdrant.records_collection, name),
+                      model=target_model)
+    return plan_start(
+        current,
+        migration_id=uuid.uuid4().hex[:8],
+        source=source,
+        target=target,
+        target_model={"family": model_settings.family, "name_or_path": model_settings.name_or_path,
+                      "revision": model_settings.revision},
+    )
+
+
 class EmbeddedMigrations:
     """Carries out the core's actions on the pipeline of this process."""
 
@@ -277,23 +299,12 @@ class EmbeddedMigrations:
     # -- commands ----------------------------------------------------------------------
     def start(self, family: str, name_or_path: str | None, revision: str | None, tiny_model: bool) -> dict[str, Any]:
         with self._lock:
-            current = self.state_store.load()
-            model_settings = target_model_settings(self.settings, family, name_or_path, revision, tiny_model)
-            target_model = self._identity(model_settings)
             if self._source_store is None:
                 raise MigrationError("conflict", "the serving index was dropped by the last migration; restart first")
-            source = index_ref(self._source_store, self.settings.qdrant.records_collection)
-            name = index_collection_name(self.settings.qdrant.collection, target_model)
-            target = IndexRef(name=name, records=target_records_name(self.settings.qdrant.records_collection, name),
-                              model=target_model)
-            state, actions = plan_start(
-                current,
-                migration_id=uuid.uuid4().hex[:8],
-                source=source,
-                target=target,
-                target_model={"family": model_settings.family, "name_or_path": model_settings.name_or_path,
-                              "revision": model_settings.revision},
-            )
+            model_settings = target_model_settings(self.settings, family, name_or_path, revision, tiny_model)
+            state, actions = plan_new_migration(self.settings, self.state_store.load(), self._source_store,
+                                                model_settings, self._identity(model_settings))
+            target = state.target
             self.state_store.save(state)
             self._carry_out(state, actions)
             log.info("migration %s: backfilling %s from %s", state.migration_id, target.name,
