@@ -117,12 +117,24 @@ def _step(cluster: bool, through_api: Callable[[ColstreamSettings], dict[str, An
         settings = load_settings()
         if not cluster:
             return through_api(settings)
+        from confluent_kafka import KafkaException
+        from pydantic import ValidationError
+        from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
         from colstream.migration.core import MigrationError
 
         try:
             return here(_cluster(settings))
         except MigrationError as exc:
             raise MigrateError(exc.message) from exc
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise MigrateError(f"the new model's settings are invalid: {where}: {first['msg']}") from exc
+        except (ResponseHandlingException, UnexpectedResponse) as exc:
+            raise MigrateError(f"the Qdrant server at {settings.qdrant.url} did not answer as expected: {exc}") from exc
+        except KafkaException as exc:
+            raise MigrateError(f"Kafka at {settings.kafka.bootstrap_servers}: {exc}") from exc
 
     return call
 

@@ -49,3 +49,23 @@ def test_the_cluster_steps_and_the_backfill_need_a_qdrant_server(tmp_path: Path,
     assert backfill.exit_code != 0 and "needs a Qdrant server" in backfill.output
     unknown = runner.invoke(app, ["migrate", "backfill", "--stage", "webhooks"])
     assert unknown.exit_code != 0 and "not webhooks" in unknown.output
+
+
+def test_a_cluster_step_says_in_one_line_what_is_wrong_with_its_input_or_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from colstream.cli.main import app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("COLSTREAM_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("QDRANT_URL", f"http://127.0.0.1:{port}")
+    runner = CliRunner()
+    bad_family = runner.invoke(app, ["migrate", "start", "--cluster", "--family", "nope"])
+    assert bad_family.exit_code != 0 and "invalid: family" in bad_family.output
+    assert "Traceback" not in bad_family.output
+    unreachable = runner.invoke(app, ["migrate", "status", "--cluster"])
+    assert unreachable.exit_code != 0 and f"127.0.0.1:{port} did not answer" in unreachable.output
