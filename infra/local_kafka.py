@@ -183,6 +183,22 @@ class LocalKafka:
     def is_running(self) -> bool:
         return port_open("127.0.0.1", self.port)
 
+    def live_broker_pid(self) -> int | None:
+        """The pid of a broker started from this state dir that is still alive, answering or not.
+
+        The pid file alone could name a recycled pid, so the process must also be ``kafka.Kafka``
+        with this state dir's config on its command line.
+        """
+        pid = self.pid()
+        if pid is None:
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        args = [arg.decode(errors="replace") for arg in cmdline]
+        return pid if "kafka.Kafka" in args and str(self.home / "server.properties") in args else None
+
     def _write_config(self) -> Path:
         data_dir = self.home / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -260,6 +276,16 @@ class LocalKafka:
         """Start the broker, or reuse one already answering on the port."""
         if self.is_running():
             return self.bootstrap_servers
+        # A second broker on the same data dir must never start: it rewrites the live broker's
+        # config and races it for the log dirs (a broker left in another network namespace, where
+        # its port cannot be seen, was left spinning a core on its raft thread that way).
+        alive = self.live_broker_pid()
+        if alive is not None:
+            raise KafkaRuntimeError(
+                f"a broker started from {self.home} is still running (pid {alive}) but does not answer on "
+                f"{self.bootstrap_servers}: it is stopping, or it runs in another network namespace. "
+                "Stop it (colstream kafka stop, or kill the pid) or give this run its own state directory."
+            )
         self.home.mkdir(parents=True, exist_ok=True)
         props = self._write_config()
         logs = self.home / "logs"
@@ -299,13 +325,13 @@ class LocalKafka:
             return False
 
     def stop(self, timeout_s: float = 30.0) -> bool:
-        pid = self.pid()
+        pid = self.live_broker_pid()
         if pid is None:
             return False
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.pid() is None:
+            if self.live_broker_pid() is None:  # gone, or a zombie its starter has not reaped yet
                 break
             time.sleep(0.2)
         else:

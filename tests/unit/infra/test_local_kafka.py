@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 
 from colstream.infra import local_kafka
 from colstream.infra.local_kafka import LocalKafka, new_cluster_id
+from colstream.testing import wait_until
 
 DASH_FIRST = bytes([0xF8]) + bytes(range(15))  # encodes to "-..." in base64url
 
@@ -45,3 +48,60 @@ def test_storage_format_passes_the_id_as_one_argument(tmp_path: Path, monkeypatc
     cluster_id = given.split("=", 1)[1]
     assert given == f"--cluster-id={cluster_id}" and not cluster_id.startswith("-")
     assert "-t" not in argv
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _sleeper(*args: str) -> subprocess.Popen[bytes]:
+    """A process whose command line carries ``args``, as a broker's names its main class and config."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    wait_until(lambda: cmdline.read_bytes().split(b"\0")[-2:-1] == [args[-1].encode()], timeout=10)
+    return proc
+
+
+def test_a_live_broker_on_the_same_state_dir_that_does_not_answer_is_refused_before_any_file_is_written(
+    tmp_path: Path,
+) -> None:
+    broker = LocalKafka(state_dir=tmp_path, port=_free_port(), controller_port=_free_port())
+    broker.home.mkdir(parents=True)
+    props = broker.home / "server.properties"
+    props.write_text("the live broker's config\n")
+    other = _sleeper("kafka.Kafka", str(props))  # alive, but its port is not ours to see
+    try:
+        broker.pid_file.write_text(str(other.pid))
+        with pytest.raises(local_kafka.KafkaRuntimeError, match=rf"still running \(pid {other.pid}\).*namespace"):
+            broker.start(timeout_s=5)
+        assert props.read_text() == "the live broker's config\n"
+        assert not (broker.home / "data").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_recycled_pid_is_not_taken_for_the_broker_and_is_never_killed(tmp_path: Path) -> None:
+    broker = LocalKafka(state_dir=tmp_path, port=_free_port(), controller_port=_free_port())
+    broker.home.mkdir(parents=True)
+    stranger = _sleeper("not-a-broker")
+    try:
+        broker.pid_file.write_text(str(stranger.pid))
+        assert broker.pid() == stranger.pid and broker.live_broker_pid() is None
+        assert broker.stop(timeout_s=1) is False
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_stop_ends_the_broker_process_and_forgets_its_pid(tmp_path: Path) -> None:
+    broker = LocalKafka(state_dir=tmp_path, port=_free_port(), controller_port=_free_port())
+    broker.home.mkdir(parents=True)
+    fake = _sleeper("kafka.Kafka", str(broker.home / "server.properties"))
+    broker.pid_file.write_text(str(fake.pid))
+    assert broker.live_broker_pid() == fake.pid
+    assert broker.stop(timeout_s=5) is True
+    assert fake.wait(timeout=5) != 0 and not broker.pid_file.exists()
