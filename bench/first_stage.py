@@ -186,8 +186,9 @@ def main() -> None:
                 store.upsert_pages(points[i : i + 64])
             write_s = time.perf_counter() - started
             wait_until_indexed(url, store.index_name)
-            reference = {"prefetch": False} if options.get("mean_pooled_prefetch") else {"exact": True}
-            exact, exact_ms = timed(partial(store.search, limit=TOP_K, **reference), query_vectors)
+            reference = (partial(store.search, limit=TOP_K, prefetch=False) if options.get("mean_pooled_prefetch")
+                         else partial(store.search, limit=TOP_K, exact=True))
+            exact, exact_ms = timed(reference, query_vectors)
             approximate, approximate_ms = timed(partial(store.search, limit=TOP_K), query_vectors)
             recall = statistics.mean(
                 len(set(a) & set(e)) / max(1, len(e)) for a, e in zip(approximate, exact, strict=True)

@@ -166,7 +166,7 @@ def build_full_size(family: str, device: torch.device) -> EmbeddingModel:
 
 
 def load_small(family: str) -> tuple[EmbeddingModel, RenderTarget]:
-    path = ensure_tiny_checkpoint(family, REPO / ".colstream" / "models")  # type: ignore[arg-type]
+    path = ensure_tiny_checkpoint(family, REPO / ".colstream" / "models")
     settings = ModelSettings(family=family, name_or_path=str(path), device="cpu")  # type: ignore[arg-type]
     return load_model(settings), render_target_for(settings)
 

@@ -42,7 +42,7 @@ from colstream.infra.vectorstore import open_vector_store
 from colstream.producers.publisher import UploadPublisher
 from colstream.schemas import UploadEvent, encode
 
-STAGES = ("splitter", "embedder", "sink")
+STAGES: tuple[StageName, ...] = ("splitter", "embedder", "sink")
 
 
 class TimedHandler:

@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export COLSTREAM_STATE_DIR="${COLSTREAM_STATE_DIR:-$PWD/.colstream/test}"
 echo "== ruff";  .venv/bin/ruff check .
-echo "== mypy";  .venv/bin/mypy -p colstream
+echo "== mypy";  .venv/bin/mypy -p colstream; .venv/bin/mypy bench  # the benchmarks call the package too
 echo "== deployment"; bash scripts/check-deploy.sh
 echo "== pytest"; .venv/bin/python -m pytest -q -ra "$@"
