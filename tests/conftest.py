@@ -7,6 +7,7 @@ Kafka (official jars through Maven), started for the session and stopped after.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import uuid
@@ -16,7 +17,28 @@ from pathlib import Path
 import pytest
 
 from colstream.infra.local_kafka import LocalKafka
+from colstream.infra.logs import CHATTY_LIBRARIES
 from colstream.infra.settings import ColstreamSettings
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """A test that runs the CLI in-process configures logging for a process: a root handler on the
+    stream it had then (CliRunner's, closed after the call) and, with -v, libraries such as torch
+    at INFO. Left in place, later records fail on the closed stream; torch's at-exit statistics,
+    logged at INFO to the stream pytest captured when torch was imported, print a "Logging error"
+    block after the summary. Each test gets back the handlers and levels it started with."""
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    names = ("", "colstream", "librdkafka", "uvicorn", "uvicorn.access", *CHATTY_LIBRARIES)
+    levels = {name: logging.getLogger(name).level for name in names}
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = Path(os.environ.get("COLSTREAM_STATE_DIR", REPO / ".colstream" / "test"))
