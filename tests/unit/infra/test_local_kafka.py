@@ -6,6 +6,8 @@ import base64
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,52 +58,53 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _sleeper(*args: str) -> subprocess.Popen[bytes]:
-    """A process whose command line carries ``args``, as a broker's names its main class and config."""
+@pytest.fixture
+def unseen_broker(tmp_path: Path) -> LocalKafka:
+    """A local broker's state dir on ports nothing answers on, as a broker in another namespace looks."""
+    broker = LocalKafka(state_dir=tmp_path, port=_free_port(), controller_port=_free_port())
+    broker.home.mkdir(parents=True)
+    return broker
+
+
+@contextmanager
+def process_in_pid_file(broker: LocalKafka, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A live process named by the broker's pid file, whose command line carries ``args`` (as a
+    broker's names its main class and config); killed at the end."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", *args])
-    cmdline = Path(f"/proc/{proc.pid}/cmdline")
-    wait_until(lambda: cmdline.read_bytes().split(b"\0")[-2:-1] == [args[-1].encode()], timeout=10)
-    return proc
+    try:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline")
+        wait_until(lambda: cmdline.read_bytes().split(b"\0")[-2:-1] == [args[-1].encode()], timeout=10)
+        broker.pid_file.write_text(str(proc.pid))
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_live_broker_on_the_same_state_dir_that_does_not_answer_is_refused_before_any_file_is_written(
-    tmp_path: Path,
+    unseen_broker: LocalKafka,
 ) -> None:
-    broker = LocalKafka(state_dir=tmp_path, port=_free_port(), controller_port=_free_port())
-    broker.home.mkdir(parents=True)
-    props = broker.home / "server.properties"
+    props = unseen_broker.home / "server.properties"
     props.write_text("the live broker's config\n")
-    other = _sleeper("kafka.Kafka", str(props))  # alive, but its port is not ours to see
-    try:
-        broker.pid_file.write_text(str(other.pid))
-        with pytest.raises(local_kafka.KafkaRuntimeError, match=rf"still running \(pid {other.pid}\).*namespace"):
-            broker.start(timeout_s=5)
-        assert props.read_text() == "the live broker's config\n"
-        assert not (broker.home / "data").exists()
-    finally:
-        other.kill()
-        other.wait()
+    with (
+        process_in_pid_file(unseen_broker, "kafka.Kafka", str(props)) as other,
+        pytest.raises(local_kafka.KafkaRuntimeError, match=rf"still running \(pid {other.pid}\).*namespace"),
+    ):
+        unseen_broker.start(timeout_s=5)
+    assert props.read_text() == "the live broker's config\n"
+    assert not (unseen_broker.home / "data").exists()
 
 
-def test_a_recycled_pid_is_not_taken_for_the_broker_and_is_never_killed(tmp_path: Path) -> None:
-    broker = LocalKafka(state_dir=tmp_path, port=_free_port(), controller_port=_free_port())
-    broker.home.mkdir(parents=True)
-    stranger = _sleeper("not-a-broker")
-    try:
-        broker.pid_file.write_text(str(stranger.pid))
-        assert broker.pid() == stranger.pid and broker.live_broker_pid() is None
-        assert broker.stop(timeout_s=1) is False
+def test_a_recycled_pid_is_not_taken_for_the_broker_and_is_never_killed(unseen_broker: LocalKafka) -> None:
+    with process_in_pid_file(unseen_broker, "not-a-broker") as stranger:
+        assert unseen_broker.pid() == stranger.pid and unseen_broker.live_broker_pid() is None
+        assert unseen_broker.stop(timeout_s=1) is False
         assert stranger.poll() is None
-    finally:
-        stranger.kill()
-        stranger.wait()
 
 
-def test_stop_ends_the_broker_process_and_forgets_its_pid(tmp_path: Path) -> None:
-    broker = LocalKafka(state_dir=tmp_path, port=_free_port(), controller_port=_free_port())
-    broker.home.mkdir(parents=True)
-    fake = _sleeper("kafka.Kafka", str(broker.home / "server.properties"))
-    broker.pid_file.write_text(str(fake.pid))
-    assert broker.live_broker_pid() == fake.pid
-    assert broker.stop(timeout_s=5) is True
-    assert fake.wait(timeout=5) != 0 and not broker.pid_file.exists()
+def test_stop_ends_the_broker_process_and_forgets_its_pid(unseen_broker: LocalKafka) -> None:
+    config = str(unseen_broker.home / "server.properties")
+    with process_in_pid_file(unseen_broker, "kafka.Kafka", config) as fake:
+        assert unseen_broker.live_broker_pid() == fake.pid
+        assert unseen_broker.stop(timeout_s=5) is True
+        assert fake.wait(timeout=5) != 0 and not unseen_broker.pid_file.exists()
