@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[3]
 GRACE_S = 3.0
 
 STAGE_SCRIPT = textwrap.dedent('''
-    import sys, time
+    import sys, threading, time
     from concurrent.futures import ThreadPoolExecutor
     from colstream.app import serve_and_run
     from colstream.infra.settings import ColstreamSettings
@@ -45,13 +45,18 @@ STAGE_SCRIPT = textwrap.dedent('''
             # non-daemon worker threads, as a real handler's executor has
             self.pool = ThreadPoolExecutor(max_workers=3)
             self.started = 0
+            self.lock = threading.Lock()
 
         def submit(self, records, emit):
             return self.pool.submit(self.work, list(records))
 
         def work(self, records):
-            self.started += 1
-            print(f"BATCH {self.started} STARTED", flush=True)
+            with self.lock:
+                self.started += 1
+                # one write per line: print() writes the newline apart, so lines from two
+                # threads could run together and hide a batch from the test
+                sys.stdout.write(f"BATCH {self.started} STARTED\\n")
+                sys.stdout.flush()
             time.sleep(60)
             return []
 
@@ -89,7 +94,7 @@ def test_sigterm_exits_within_the_grace_with_60s_batches_in_flight(tmp_path: Pat
             line = proc.stdout.readline()
             if not line:
                 break
-            started += line.startswith("BATCH ")
+            started += line.count("BATCH ")  # two threads' lines may still share one
         assert started == 3, proc.stderr.read() if proc.stderr else ""
         sent = time.monotonic()
         if target == "group":
@@ -109,7 +114,7 @@ def test_sigterm_exits_within_the_grace_with_60s_batches_in_flight(tmp_path: Pat
     assert "Traceback" not in err and "CancelledError" not in err, err
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]
     messages = " | ".join(str(line["message"]) for line in lines)
-    assert "abandoning 3 in-flight batches uncommitted" in messages
+    assert "abandoning 3 in-flight batches uncommitted" in messages, messages
     assert "leaving" in messages and "busy threads" in messages
     assert all(line["stage"] == "slow" for line in lines if line["logger"].startswith("colstream"))
 
